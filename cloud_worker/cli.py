@@ -1,0 +1,117 @@
+"""``edge-infer-cloud-worker``: run the large model on offloaded samples."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+
+from edge_infer.tomlcfg import ConfigError
+
+log = logging.getLogger("edge_infer_cloud")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edge_infer.logsetup import setup_logging
+
+    from .config import load_worker_config
+    from .worker import CloudWorker
+    try:
+        cfg = load_worker_config(args.config)
+    except ConfigError as exc:
+        setup_logging(identifier="edge-infer-cloud-worker")
+        log.error("invalid configuration %s: %s", args.config, exc)
+        return 2
+    if args.worker_id:
+        from dataclasses import replace
+        cfg = replace(cfg, worker=replace(cfg.worker, id=args.worker_id))
+    setup_logging(cfg.log_level, identifier="edge-infer-cloud-worker")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    worker = CloudWorker(cfg)
+    try:
+        worker.start()
+    except Exception as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    try:
+        stop.wait()
+    finally:
+        worker.stop()
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from edge_infer.modelcard import ModelCardError, load_card, verified_model_bytes
+
+    from .config import load_worker_config
+    try:
+        cfg = load_worker_config(args.config)
+        card = load_card(cfg.model.card)
+        verified_model_bytes(card)
+    except (ConfigError, ModelCardError) as exc:
+        print(f"{args.config}: INVALID: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.config}: OK (model {card.model_id}, group {cfg.worker.group}, broker {cfg.mqtt.host}:{cfg.mqtt.port})")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Accuracy of the cloud model on a labelled set (the demo's cloud-only figure)."""
+    import time
+
+    from edge_infer.datasets import DEFAULT_FMNIST_DIR, fashion_mnist_splits, load_npz
+
+    from .model import CloudModel
+    model = CloudModel(args.card)
+    if args.npz:
+        data = load_npz(args.npz)
+    else:
+        data = fashion_mnist_splits(args.data or DEFAULT_FMNIST_DIR)[args.split]
+    if args.limit:
+        data = data.subset(slice(0, args.limit))
+    t0 = time.perf_counter()
+    pred = model.predict_fitted(data.images)
+    seconds = time.perf_counter() - t0
+    acc = float((pred == data.labels).mean()) if len(data) else 0.0
+    out = {"model": model.card.model_id, "runtime": model.runtime, "images": len(data), "accuracy": acc,
+           "images_per_s": len(data) / seconds if seconds else None}
+    if args.predictions:
+        import numpy as np
+        np.save(args.predictions, pred)
+        out["predictions"] = args.predictions
+    print(json.dumps(out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-infer-cloud-worker", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a worker")
+    r.add_argument("--config", "-c", default="/etc/edge-infer/cloud-worker.toml")
+    r.add_argument("--worker-id", default="", help="overrides [worker] id (systemd passes the instance name)")
+    r.set_defaults(func=cmd_run)
+    c = sub.add_parser("check-config", help="validate a worker config and its model")
+    c.add_argument("config")
+    c.set_defaults(func=cmd_check_config)
+    e = sub.add_parser("evaluate", help="accuracy of the cloud model on a labelled set")
+    e.add_argument("--card", required=True)
+    e.add_argument("--data", help="Fashion-MNIST IDX folder (default: the Debian package's)")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--npz", help="an .npz with 'images' and 'labels' instead")
+    e.add_argument("--limit", type=int, default=0)
+    e.add_argument("--predictions", help="write the predicted labels here (.npy)")
+    e.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

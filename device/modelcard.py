@@ -1,0 +1,181 @@
+"""Model cards: the contract between a model file and the code that runs it.
+
+A card (``card.json`` beside the model) states the input spec, labels,
+version, sha256 and measured accuracy. Both sides read their preprocessing
+from the card, so the device and the cloud worker cannot disagree on it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ModelCardError(ValueError):
+    """The card is missing, malformed, or does not match its model file."""
+
+
+@dataclass(frozen=True)
+class Quantization:
+    scale: float
+    zero_point: int
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    shape: tuple[int, ...]   # -1 marks a dynamic batch dimension
+    layout: str              # NHWC or NCHW
+    dtype: str               # int8, uint8 or float32
+    color: str               # L (grayscale) or RGB
+    pixel_scale: float
+    mean: float
+    std: float
+    quantization: Quantization | None
+
+    @property
+    def height(self) -> int:
+        return self.shape[1] if self.layout == "NHWC" else self.shape[2]
+
+    @property
+    def width(self) -> int:
+        return self.shape[2] if self.layout == "NHWC" else self.shape[3]
+
+    @property
+    def channels(self) -> int:
+        return self.shape[3] if self.layout == "NHWC" else self.shape[1]
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    kind: str                # logits or probabilities
+    dtype: str
+    quantization: Quantization | None
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    path: Path               # the card file
+    name: str
+    version: str
+    role: str
+    format: str
+    file: Path               # absolute path of the model file
+    sha256: str
+    params: int
+    labels: tuple[str, ...]
+    input: InputSpec
+    output: OutputSpec
+    metrics: dict[str, Any]
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+def _req(d: dict, key: str, typ: type | tuple, where: str) -> Any:
+    if key not in d:
+        raise ModelCardError(f"{where}: missing key {key!r}")
+    value = d[key]
+    if not isinstance(value, typ) or isinstance(value, bool) and typ is not bool:
+        raise ModelCardError(f"{where}: {key!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _quant(d: dict | None, dtype: str, where: str) -> Quantization | None:
+    if dtype in ("int8", "uint8"):
+        if not isinstance(d, dict):
+            raise ModelCardError(f"{where}: a {dtype} tensor needs 'quantization' {{scale, zero_point}}")
+        scale = float(_req(d, "scale", (int, float), where))
+        if scale <= 0:
+            raise ModelCardError(f"{where}: quantization scale must be > 0")
+        return Quantization(scale, int(_req(d, "zero_point", int, where)))
+    return None
+
+
+def parse_card(data: dict, card_path: Path) -> ModelCard:
+    where = str(card_path)
+    if _req(data, "schema", int, where) != 1:
+        raise ModelCardError(f"{where}: unsupported card schema {data['schema']} (this version reads 1)")
+    inp = _req(data, "input", dict, where)
+    out = _req(data, "output", dict, where)
+    labels = tuple(_req(data, "labels", list, where))
+    if not labels or not all(isinstance(x, str) for x in labels):
+        raise ModelCardError(f"{where}: 'labels' must be a non-empty list of strings")
+    shape = tuple(_req(inp, "shape", list, where + " input"))
+    layout = _req(inp, "layout", str, where + " input")
+    if layout not in ("NHWC", "NCHW") or len(shape) != 4:
+        raise ModelCardError(f"{where}: input must be 4-D NHWC or NCHW, got {layout} {shape}")
+    in_dtype = _req(inp, "dtype", str, where + " input")
+    out_dtype = _req(out, "dtype", str, where + " output")
+    for dt in (in_dtype, out_dtype):
+        if dt not in ("int8", "uint8", "float32"):
+            raise ModelCardError(f"{where}: unsupported dtype {dt!r} (int8, uint8, float32)")
+    color = inp.get("color", "L")
+    if color not in ("L", "RGB"):
+        raise ModelCardError(f"{where}: input color must be 'L' or 'RGB'")
+    std = float(inp.get("std", 1.0))
+    if std <= 0:
+        raise ModelCardError(f"{where}: input std must be > 0")
+    spec = InputSpec(
+        shape=tuple(int(s) for s in shape), layout=layout, dtype=in_dtype, color=color,
+        pixel_scale=float(inp.get("pixel_scale", 255.0)), mean=float(inp.get("mean", 0.0)), std=std,
+        quantization=_quant(inp.get("quantization"), in_dtype, where + " input"),
+    )
+    if spec.channels != (1 if color == "L" else 3):
+        raise ModelCardError(f"{where}: input color {color} does not match {spec.channels} channels")
+    kind = out.get("kind", "logits")
+    if kind not in ("logits", "probabilities"):
+        raise ModelCardError(f"{where}: output kind must be 'logits' or 'probabilities'")
+    file = card_path.parent / _req(data, "file", str, where)
+    sha = _req(data, "sha256", str, where).lower()
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise ModelCardError(f"{where}: 'sha256' must be 64 hex digits")
+    return ModelCard(
+        path=card_path, name=_req(data, "name", str, where), version=_req(data, "version", str, where),
+        role=data.get("role", ""), format=_req(data, "format", str, where), file=file, sha256=sha,
+        params=int(data.get("params", 0)), labels=labels, input=spec,
+        output=OutputSpec(kind, out_dtype, _quant(out.get("quantization"), out_dtype, where + " output")),
+        metrics=dict(data.get("metrics", {})),
+    )
+
+
+def load_card(path: str | Path) -> ModelCard:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelCardError(f"model card {path} not found; set [model] card to the card.json beside the model") from None
+    except (OSError, ValueError) as exc:
+        raise ModelCardError(f"model card {path} is not readable JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelCardError(f"model card {path}: expected a JSON object")
+    return parse_card(data, path)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verified_model_bytes(card: ModelCard) -> bytes:
+    """The model file's bytes, after checking them against the card's sha256.
+
+    Reading once and hashing the same bytes that are loaded closes the gap
+    between checking a file and loading a different one.
+    """
+    try:
+        data = card.file.read_bytes()
+    except OSError as exc:
+        raise ModelCardError(f"model file {card.file} (from {card.path}) cannot be read: {exc}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != card.sha256:
+        raise ModelCardError(
+            f"model file {card.file} has sha256 {digest}, but its card says {card.sha256}: the file is corrupt "
+            "or does not belong to this card. Reinstall the model, or update the card if you replaced it on purpose."
+        )
+    return data

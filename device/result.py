@@ -1,0 +1,30 @@
+"""The result record every input gets."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Result:
+    sample_id: str
+    label: int
+    label_name: str
+    confidence: float
+    #: "edge" (the local model's answer) or "cloud" (a correction)
+    origin: str
+    #: "provisional" while a correction is awaited, "final" otherwise
+    state: str
+    offloaded: bool
+    edge_label: int
+    edge_confidence: float
+    model_id: str
+    created_at: float
+    source: str = ""
+    corrected_at: float | None = None
+    cloud_model_id: str | None = None
+    #: set when the outbox could not take the sample (budget, payload too large)
+    offload_error: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.state == "final"

@@ -1,0 +1,361 @@
+"""The edge-infer device service: classify locally, offload when unsure.
+
+``EdgeService`` composes the parts: model card + backend + preprocessor
+(inference), the threshold policy, the SQLite store (results + outbox), the
+MQTT link, and the spool watcher. ``classify()`` answers at once from the
+local model; everything that touches the network happens on one background
+thread (the link worker), which drains the store when connected.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from . import __version__, protocol
+from .backends import BackendOptions, create_backend
+from .config import DeviceConfig
+from .modelcard import load_card, verified_model_bytes
+from .mqtt_link import Connected, Disconnected, MqttLink, Published, Received
+from .policy import ThresholdPolicy
+from .preprocess import CONTENT_TYPES, ImageError, Preprocessor, decode_image, encode_png
+from .result import Result
+from .scores import max_softmax, probabilities
+from .spool import SpoolWatcher
+from .stats import Counters
+from .store import OutboxItem, Store
+
+log = logging.getLogger(__name__)
+
+RESULTS_WINDOW = 256          # result publications in flight at once
+STATUS_INTERVAL_S = 10.0
+MAINTENANCE_INTERVAL_S = 5.0
+
+
+class EdgeService:
+    def __init__(self, cfg: DeviceConfig) -> None:
+        self.cfg = cfg
+        self.topics = protocol.Topics(cfg.mqtt.topic_prefix, cfg.device_id)
+        self.counters = Counters()
+        self.store = Store(Path(cfg.state_dir) / "edge-infer.db")
+        self.policy = ThresholdPolicy(cfg.policy.threshold, cfg.policy.offload)
+        self.card = load_card(cfg.model.card)
+        self.pre = Preprocessor(self.card.input)
+        self.backend: Any = None
+        self.link: MqttLink | None = None
+        self.spool: SpoolWatcher | None = None
+        self._infer_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._started_at = 0.0
+        self._last_progress = time.monotonic()
+        # link-worker state (touched only by the link worker thread)
+        self._mids: dict[int, tuple[str, str, int]] = {}
+        self._samples_inflight = 0
+        self._results_inflight = 0
+        self._results_cursor = 0
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self, *, connect: bool = True) -> None:
+        """Load the model and open the store (fails loudly); then go online in the background."""
+        model_bytes = verified_model_bytes(self.card)
+        self.backend = create_backend(self.cfg.model.backend, self.card, model_bytes,
+                                      BackendOptions(self.cfg.model.runtime, self.cfg.model.num_threads))
+        # One warm-up invoke: the first call allocates, and a model that cannot run should fail here.
+        self.backend.invoke(self.pre.batch(np.zeros((1, self.card.input.height, self.card.input.width), np.uint8)))
+        requeued = self.store.open()
+        self.counters.inc("requeued_at_start", requeued)
+        self._started_at = time.time()
+        if connect:
+            self.link = MqttLink(
+                self.cfg.mqtt, self.cfg.client_id, subscriptions=[(self.topics.corrections, 1)],
+                will=(self.topics.status, protocol.offline_status(self.cfg.device_id)))
+            self._worker = threading.Thread(target=self._run_link_worker, name="link-worker", daemon=True)
+            self._worker.start()
+            self.link.start()
+        if self.cfg.spool.dir is not None:
+            self.spool = SpoolWatcher(self.cfg.spool.dir, self.classify_bytes, self.counters,
+                                      poll_interval_s=self.cfg.spool.poll_interval_s,
+                                      max_file_bytes=self.cfg.spool.max_file_bytes)
+            self.spool.start()
+        log.info("edge-infer %s ready: device %s, model %s (%s), threshold %.4f, broker %s:%d",
+                 __version__, self.cfg.device_id, self.card.model_id, self.backend.runtime,
+                 self.policy.threshold, self.cfg.mqtt.host, self.cfg.mqtt.port)
+
+    def stop(self) -> None:
+        """Finish the current input, publish offline status, close the store."""
+        if self.spool is not None:
+            self.spool.stop()
+        self._stopping.set()
+        self._wake.set()
+        if self._worker is not None:
+            self._worker.join(timeout=10)
+        if self.link is not None:
+            self.link.stop()
+        with self._infer_lock:
+            self.store.close()
+            if self.backend is not None:
+                self.backend.close()
+        log.info("edge-infer stopped")
+
+    def __enter__(self) -> "EdgeService":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------ the API
+    def classify(self, image: np.ndarray | Image.Image | bytes, source: str = "") -> Result:
+        """Classify one image now. Offloads it when the model is not confident.
+
+        ``image``: a uint8 array (H, W) or (H, W, 3), a PIL image, or encoded
+        PNG/JPEG/BMP/PGM bytes. Raises ImageError for anything else.
+        """
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            return self.classify_bytes(bytes(image), source)
+        if isinstance(image, Image.Image):
+            image = np.asarray(image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode))
+        if not isinstance(image, np.ndarray):
+            raise ImageError(f"classify() takes a uint8 array, a PIL image or encoded bytes, not {type(image).__name__}")
+        return self._classify(image, source, None)
+
+    def classify_bytes(self, data: bytes, source: str = "") -> Result:
+        decoded = decode_image(data, max_bytes=max(self.cfg.spool.max_file_bytes, self.cfg.outbox.max_payload_bytes))
+        return self._classify(decoded.pixels, source, (data, decoded.content_type))
+
+    def _classify(self, pixels: np.ndarray, source: str, encoded: tuple[bytes, str] | None) -> Result:
+        fitted = self.pre.fit(pixels)
+        tensor = self.pre.batch(fitted[None])
+        with self._infer_lock:
+            raw = self.backend.invoke(tensor)
+        pred = max_softmax(probabilities(raw, self.card.output))
+        decision = self.policy.decide(pred.confidence)
+        now = time.time()
+        sample_id = uuid.uuid4().hex
+        item = None
+        offload_error = None
+        if decision.offload:
+            payload, ctype = encoded if encoded is not None and encoded[1] in CONTENT_TYPES else (encode_png(pixels), "image/png")
+            if len(payload) > self.cfg.outbox.max_payload_bytes:
+                # The original is too big to send: the (small) model-sized image still carries what the model saw.
+                payload, ctype = encode_png(fitted), "image/png"
+            if len(payload) > self.cfg.outbox.max_payload_bytes:
+                offload_error = f"payload of {len(payload)} bytes exceeds outbox.max_payload_bytes"
+                self.counters.inc("offload_skipped_too_large")
+            else:
+                meta = protocol.SampleMeta(sample_id, self.cfg.device_id, self.card.model_id, pred.label,
+                                           pred.confidence, now)
+                item = OutboxItem(sample_id, now, ctype, payload, tuple(protocol.sample_properties(meta)))
+        offloaded = item is not None
+        result = Result(
+            sample_id=sample_id, label=pred.label, label_name=self.card.labels[pred.label],
+            confidence=pred.confidence, origin="edge", state="provisional" if offloaded else "final",
+            offloaded=offloaded, edge_label=pred.label, edge_confidence=pred.confidence,
+            model_id=self.card.model_id, created_at=now, source=source, offload_error=offload_error)
+        self.store.record(result, item)
+        self.counters.inc("classified")
+        if offloaded:
+            self.counters.inc("offloaded")
+        self._last_progress = time.monotonic()
+        self._wake.set()
+        return result
+
+    def result(self, sample_id: str) -> Result | None:
+        return self.store.get_result(sample_id)
+
+    @property
+    def last_progress(self) -> float:
+        """time.monotonic() of the last classified input (the watchdog's heartbeat)."""
+        return self._last_progress
+
+    def status(self) -> dict[str, Any]:
+        counts = self.counters.snapshot()
+        classified = counts.get("classified", 0)
+        return {
+            "device": self.cfg.device_id,
+            "state": "online",
+            "version": __version__,
+            "model": self.card.model_id,
+            "backend": f"{self.cfg.model.backend} ({self.backend.runtime})" if self.backend else self.cfg.model.backend,
+            "threshold": self.policy.threshold,
+            "broker_connected": bool(self.link and self.link.connected.is_set()),
+            "outbox": self.store.outbox_counts(),
+            "results_unpublished": self.store.unpublished_count(),
+            "offload_rate": round(counts.get("offloaded", 0) / classified, 4) if classified else 0.0,
+            "counters": counts,
+            "started_at": self._started_at,
+        }
+
+    # ------------------------------------------------------------ the link worker (one thread)
+    def _run_link_worker(self) -> None:
+        assert self.link is not None
+        next_status = next_maintenance = 0.0
+        while not self._stopping.is_set():
+            try:
+                self._drain_events()
+                if self.link.connected.is_set():
+                    self._send_results()
+                    self._send_samples()
+                now = time.monotonic()
+                if now >= next_maintenance:
+                    self._maintenance()
+                    next_maintenance = now + MAINTENANCE_INTERVAL_S
+                if now >= next_status and self.link.connected.is_set():
+                    self._publish_status()
+                    next_status = now + STATUS_INTERVAL_S
+            except Exception:
+                log.exception("link worker error; continuing")
+                time.sleep(0.5)
+            self._wake.wait(0.05)
+            self._wake.clear()
+        self._shutdown_link()
+
+    def _shutdown_link(self) -> None:
+        """Publish the offline status (the will covers crashes) and give acks a moment to arrive."""
+        assert self.link is not None
+        if not self.link.connected.is_set():
+            return
+        rc, mid = self.link.publish(self.topics.status, protocol.offline_status(self.cfg.device_id), retain=True)
+        self._mids[mid] = ("status", "", 0)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and ("status", "", 0) in self._mids.values():
+            self._drain_events(timeout=0.05)
+
+    def _drain_events(self, timeout: float = 0.0) -> None:
+        assert self.link is not None
+        delivered: list[str] = []
+        acked: list[tuple[str, int]] = []
+        first = True
+        while True:
+            try:
+                ev = self.link.events.get(timeout=timeout if first else 0)
+            except Exception:
+                break
+            first = False
+            if isinstance(ev, Published):
+                entry = self._mids.pop(ev.mid, None)
+                if entry is None:
+                    continue
+                kind, sid, seq = entry
+                if kind == "sample":
+                    self._samples_inflight -= 1
+                    if ev.failed:
+                        self._sample_refused(sid, ev.reason)
+                    else:
+                        delivered.append(sid)
+                elif kind == "result":
+                    self._results_inflight -= 1
+                    if ev.failed:
+                        # Not retried: the broker would refuse it again. Counted and logged.
+                        self.counters.inc("results_refused")
+                        log.error("broker refused result %s: %s (check the broker ACL for %s)", sid, ev.reason,
+                                  self.topics.results)
+                    acked.append((sid, seq))
+            elif isinstance(ev, Received):
+                self._on_reply(ev)
+            elif isinstance(ev, Connected):
+                self.counters.inc("connects")
+                self._publish_status()
+            elif isinstance(ev, Disconnected):
+                # paho keeps its unacknowledged QoS 1 messages and re-sends them on reconnect,
+                # so the in-flight windows stay as they are.
+                pass
+        if delivered:
+            self.store.mark_delivered(delivered)
+            self.counters.inc("delivered", len(delivered))
+        if acked:
+            self.store.ack_results(acked)
+            self.counters.inc("results_published", len(acked))
+
+    def _sample_refused(self, sample_id: str, reason: str) -> None:
+        self.counters.inc("samples_refused")
+        log.error("broker refused sample %s: %s; it will not be retried, the local answer stands", sample_id, reason)
+        self.store.mark_failed(sample_id, f"refused by broker: {reason}")
+
+    def _send_results(self) -> None:
+        assert self.link is not None
+        free = RESULTS_WINDOW - self._results_inflight
+        if free <= 0:
+            return
+        for seq, r in self.store.unpublished_results(self._results_cursor, free):
+            rc, mid = self.link.publish(self.topics.results, protocol.encode_result(r, self.cfg.device_id))
+            self._results_cursor = max(self._results_cursor, seq)
+            if rc not in (0, 4):  # 4 = NO_CONN: paho queued it and sends it on reconnect
+                log.warning("publishing result %s failed locally (rc %d); will retry at the next start", r.sample_id, rc)
+                continue
+            self._mids[mid] = ("result", r.sample_id, seq)
+            self._results_inflight += 1
+
+    def _send_samples(self) -> None:
+        assert self.link is not None
+        free = self.cfg.outbox.max_inflight - self._samples_inflight
+        if free <= 0:
+            return
+        items = self.store.queued_samples(free)
+        sent = []
+        for it in items:
+            try:
+                rc, mid = self.link.publish(
+                    self.topics.samples, it.payload, content_type=it.content_type,
+                    response_topic=self.topics.corrections, correlation_data=it.sample_id.encode(),
+                    user_properties=list(it.props))
+            except ValueError as exc:  # e.g. larger than MQTT allows
+                self._sample_refused(it.sample_id, str(exc))
+                continue
+            if rc not in (0, 4):
+                self._sample_refused(it.sample_id, f"paho error {rc}")
+                continue
+            self._mids[mid] = ("sample", it.sample_id, 0)
+            self._samples_inflight += 1
+            sent.append(it.sample_id)
+        if sent:
+            self.store.mark_inflight(sent)
+            self.counters.inc("sent", len(sent))
+
+    def _on_reply(self, ev: Received) -> None:
+        if ev.topic != self.topics.corrections:
+            self.counters.inc("replies_rejected")
+            log.warning("ignored a message on unexpected topic %s", ev.topic)
+            return
+        try:
+            reply = protocol.parse_reply(ev.payload, ev.correlation_data, len(self.card.labels))
+        except protocol.ProtocolError as exc:
+            self.counters.inc("replies_rejected")
+            self.counters.inc(f"replies_rejected_{exc.code}")
+            log.warning("rejected a reply on %s: %s", ev.topic, exc)
+            return
+        if isinstance(reply, protocol.ErrorReply):
+            outcome = self.store.apply_error(reply)
+            if outcome.reason == "applied":
+                self.counters.inc("cloud_errors")
+                log.warning("cloud could not process sample %s: %s %s; the local answer stands",
+                            reply.sample_id, reply.code, reply.message)
+        else:
+            outcome = self.store.apply_correction(reply)
+            if outcome.reason == "applied":
+                self.counters.inc("corrected")
+                if outcome.result is not None and outcome.result.label != outcome.result.edge_label:
+                    self.counters.inc("corrections_changed_label")
+        if outcome.reason != "applied":
+            self.counters.inc(f"replies_{outcome.reason}")
+            log.info("reply for sample %s ignored (%s)", reply.sample_id, outcome.reason)
+
+    def _maintenance(self) -> None:
+        expired = self.store.expire(self.cfg.outbox.max_age_s)
+        if expired:
+            self.counters.inc("expired", len(expired))
+            log.warning("%d sample(s) expired after %.0fs without a correction; their local answers stand",
+                        len(expired), self.cfg.outbox.max_age_s)
+        self.store.prune_results(self.cfg.results.keep)
+
+    def _publish_status(self) -> None:
+        assert self.link is not None
+        self.link.publish(self.topics.status, protocol.encode_status(self.status()), retain=True)

@@ -1,0 +1,111 @@
+"""The spool directory input: image files dropped in are classified.
+
+Producers write a file under a dot-name (or elsewhere on the same file
+system) and rename it into the spool, so a half-written file is never read.
+Each file is classified, then moved to ``done/``; a file that cannot be
+classified goes to ``failed/`` with a ``.error`` note beside it saying why.
+A file is moved only after its result is stored, so a crash re-reads it
+rather than losing it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Callable
+
+from .preprocess import ImageError, decode_image
+from .result import Result
+from .stats import Counters
+
+log = logging.getLogger(__name__)
+
+Classify = Callable[[bytes, str], Result]
+
+
+class SpoolWatcher:
+    def __init__(self, directory: Path, classify_bytes: Classify, counters: Counters, *,
+                 poll_interval_s: float = 0.2, max_file_bytes: int = 16 * 1024 * 1024) -> None:
+        self.dir = Path(directory)
+        self.done = self.dir / "done"
+        self.failed = self.dir / "failed"
+        self._classify = classify_bytes
+        self._counters = counters
+        self._interval = poll_interval_s
+        self._max = max_file_bytes
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: called after each file, with no arguments (the service uses it as a progress heartbeat)
+        self.on_progress: Callable[[], None] = lambda: None
+
+    def start(self) -> None:
+        for d in (self.dir, self.done, self.failed):
+            d.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._run, name="spool", daemon=True)
+        self._thread.start()
+        log.info("watching spool directory %s", self.dir)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def pending(self) -> list[Path]:
+        try:
+            entries = [e for e in os.scandir(self.dir) if e.is_file(follow_symlinks=False) and not e.name.startswith(".")]
+        except FileNotFoundError:
+            return []
+        entries.sort(key=lambda e: (e.stat().st_mtime_ns, e.name))
+        return [Path(e.path) for e in entries]
+
+    def process_once(self) -> int:
+        n = 0
+        for path in self.pending():
+            if self._stop.is_set():
+                break
+            self._process(path)
+            n += 1
+        return n
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.process_once() == 0:
+                    self._stop.wait(self._interval)
+            except Exception:  # keep watching: one bad file or a full disk must not stop the service
+                log.exception("spool scan failed; retrying in %.1fs", self._interval)
+                self._stop.wait(max(self._interval, 1.0))
+
+    def _process(self, path: Path) -> None:
+        try:
+            size = path.stat().st_size
+            if size > self._max:
+                raise ImageError(f"file of {size} bytes exceeds spool.max_file_bytes = {self._max}")
+            data = path.read_bytes()
+            decode_image(data, max_bytes=self._max)  # reject early with a clear reason
+            result = self._classify(data, path.name)
+        except FileNotFoundError:
+            return  # taken away by someone else
+        except ImageError as exc:
+            self._counters.inc("spool_rejected")
+            log.warning("spool: rejected %s: %s (moved to %s)", path.name, exc, self.failed)
+            self._move(path, self.failed)
+            (self.failed / (path.name + ".error")).write_text(f"{exc}\n")
+            self.on_progress()
+            return
+        self._counters.inc("spool_processed")
+        self._move(path, self.done)
+        log.debug("spool: %s -> %s (%.3f) %s", path.name, result.label_name, result.confidence, result.state)
+        self.on_progress()
+
+    @staticmethod
+    def _move(path: Path, target_dir: Path) -> None:
+        target = target_dir / path.name
+        if target.exists():
+            stem, suffix = os.path.splitext(path.name)
+            i = 1
+            while (target_dir / f"{stem}.{i}{suffix}").exists():
+                i += 1
+            target = target_dir / f"{stem}.{i}{suffix}"
+        os.replace(path, target)

@@ -1,0 +1,322 @@
+"""The device's durable state: results and the offload outbox, in SQLite.
+
+One database (WAL) holds both tables so that recording a result together
+with its offloaded sample, and applying a correction to both, are single
+transactions: a crash leaves either all of it or none of it.
+
+Outbox states::
+
+    queued -> inflight -> delivered -> corrected
+       |          |           `-----> expired (no correction within max age)
+       |          `-> failed (the broker refused the publish; reason kept)
+       `-> expired (not sent within max age)
+
+``inflight`` rows go back to ``queued`` at start-up (the process that sent
+them is gone). Results carry a publication sequence number: a result is
+(re)published while ``pub_seq > acked_seq``, so results recorded offline are
+published after reconnecting and nothing is lost between the two tables.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from .protocol import Correction, ErrorReply
+from .result import Result
+
+log = logging.getLogger(__name__)
+
+OUTBOX_STATES = ("queued", "inflight", "delivered", "corrected", "expired", "failed")
+_OPEN_STATES = ("queued", "inflight", "delivered")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    sample_id     TEXT PRIMARY KEY,
+    created_at    REAL NOT NULL,
+    source        TEXT NOT NULL,
+    model         TEXT NOT NULL,
+    edge_label    INTEGER NOT NULL,
+    edge_conf     REAL NOT NULL,
+    label         INTEGER NOT NULL,
+    label_name    TEXT NOT NULL,
+    confidence    REAL NOT NULL,
+    origin        TEXT NOT NULL,
+    state         TEXT NOT NULL,
+    offloaded     INTEGER NOT NULL,
+    corrected_at  REAL,
+    cloud_model   TEXT,
+    offload_error TEXT,
+    pub_seq       INTEGER NOT NULL,
+    acked_seq     INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS results_unpublished ON results(pub_seq) WHERE pub_seq > acked_seq;
+CREATE INDEX IF NOT EXISTS results_created ON results(created_at);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    sample_id    TEXT NOT NULL UNIQUE,
+    created_at   REAL NOT NULL,
+    updated_at   REAL NOT NULL,
+    state        TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    payload      BLOB,
+    props        TEXT NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    last_error   TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state, seq);
+PRAGMA user_version = 1;
+"""
+
+_RESULT_COLS = ("sample_id, created_at, source, model, edge_label, edge_conf, label, label_name, confidence, "
+                "origin, state, offloaded, corrected_at, cloud_model, offload_error")
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    sample_id: str
+    created_at: float
+    content_type: str
+    payload: bytes
+    props: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class ApplyOutcome:
+    """What applying a reply did. ``result`` is None when nothing changed."""
+    result: Result | None
+    reason: str   # "applied", "duplicate", "unknown", "late"
+
+
+def _row_to_result(row: tuple) -> Result:
+    (sample_id, created_at, source, model, edge_label, edge_conf, label, label_name, confidence,
+     origin, state, offloaded, corrected_at, cloud_model, offload_error) = row
+    return Result(sample_id=sample_id, label=label, label_name=label_name, confidence=confidence, origin=origin,
+                  state=state, offloaded=bool(offloaded), edge_label=edge_label, edge_confidence=edge_conf,
+                  model_id=model, created_at=created_at, source=source, corrected_at=corrected_at,
+                  cloud_model_id=cloud_model, offload_error=offload_error)
+
+
+class Store:
+    """Thread-safe: one connection, one lock; every public method is one transaction."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self._pub_seq = itertools.count(1)
+
+    # ------------------------------------------------------------ lifecycle
+    def open(self) -> int:
+        """Open (creating if needed); returns how many in-flight samples were re-queued."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
+            db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a commit survives a process crash (kill -9);
+            # a power cut can lose the last commits but never corrupts the file.
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise RuntimeError(f"state database {self.path} cannot be opened ({exc}). If it is corrupt, move it "
+                               "aside and restart: the service creates a new one (queued samples in it are lost).") from exc
+        self._db = db
+        (max_seq,) = db.execute("SELECT COALESCE(MAX(pub_seq), 0) FROM results").fetchone()
+        self._pub_seq = itertools.count(max_seq + 1)
+        with self._tx():
+            n = db.execute("UPDATE outbox SET state='queued', updated_at=? WHERE state='inflight'",
+                           (time.time(),)).rowcount
+        if n:
+            log.info("re-queued %d in-flight sample(s) from the previous run", n)
+        return n
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def _tx(self):
+        return _Transaction(self._lock, self._conn())
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("store is not open")
+        return self._db
+
+    # ------------------------------------------------------------ recording
+    def record(self, result: Result, item: OutboxItem | None = None) -> int:
+        """Store a new result (and its offloaded sample). Returns its publication sequence."""
+        seq = next(self._pub_seq)
+        with self._tx() as db:
+            db.execute(
+                f"INSERT INTO results ({_RESULT_COLS}, pub_seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (result.sample_id, result.created_at, result.source, result.model_id, result.edge_label,
+                 result.edge_confidence, result.label, result.label_name, result.confidence, result.origin,
+                 result.state, int(result.offloaded), result.corrected_at, result.cloud_model_id,
+                 result.offload_error, seq))
+            if item is not None:
+                db.execute(
+                    "INSERT INTO outbox (sample_id, created_at, updated_at, state, content_type, payload, props) "
+                    "VALUES (?,?,?,?,?,?,?)",
+                    (item.sample_id, item.created_at, item.created_at, "queued", item.content_type, item.payload,
+                     json.dumps(item.props)))
+        return seq
+
+    # ------------------------------------------------------------ publishing results
+    def unpublished_results(self, after_seq: int, limit: int) -> list[tuple[int, Result]]:
+        with self._tx() as db:
+            rows = db.execute(
+                f"SELECT pub_seq, {_RESULT_COLS} FROM results WHERE pub_seq > acked_seq AND pub_seq > ? "
+                "ORDER BY pub_seq LIMIT ?", (after_seq, limit)).fetchall()
+        return [(r[0], _row_to_result(r[1:])) for r in rows]
+
+    def ack_results(self, acks: Iterable[tuple[str, int]]) -> None:
+        with self._tx() as db:
+            db.executemany("UPDATE results SET acked_seq=? WHERE sample_id=? AND acked_seq < ?",
+                           [(seq, sid, seq) for sid, seq in acks])
+
+    # ------------------------------------------------------------ outbox
+    def queued_samples(self, limit: int) -> list[OutboxItem]:
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT sample_id, created_at, content_type, payload, props FROM outbox WHERE state='queued' "
+                "ORDER BY seq LIMIT ?", (limit,)).fetchall()
+        return [OutboxItem(r[0], r[1], r[2], r[3], tuple(tuple(p) for p in json.loads(r[4]))) for r in rows]
+
+    def mark_inflight(self, sample_ids: list[str]) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.executemany("UPDATE outbox SET state='inflight', attempts=attempts+1, updated_at=? "
+                           "WHERE sample_id=? AND state='queued'", [(now, s) for s in sample_ids])
+
+    def mark_delivered(self, sample_ids: list[str]) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.executemany("UPDATE outbox SET state='delivered', updated_at=? WHERE sample_id=? AND state='inflight'",
+                           [(now, s) for s in sample_ids])
+
+    def mark_failed(self, sample_id: str, reason: str) -> Result | None:
+        """The broker refused the sample: it is not retried; the local answer becomes final."""
+        now = time.time()
+        with self._tx() as db:
+            n = db.execute("UPDATE outbox SET state='failed', last_error=?, payload=NULL, updated_at=? "
+                           "WHERE sample_id=? AND state IN ('queued','inflight')", (reason, now, sample_id)).rowcount
+            return self._finalize_local(db, sample_id, reason) if n else None
+
+    def _finalize_local(self, db: sqlite3.Connection, sample_id: str, reason: str) -> Result | None:
+        db.execute("UPDATE results SET state='final', offload_error=?, pub_seq=? WHERE sample_id=? "
+                   "AND state='provisional'", (reason, next(self._pub_seq), sample_id))
+        row = db.execute(f"SELECT {_RESULT_COLS} FROM results WHERE sample_id=?", (sample_id,)).fetchone()
+        return _row_to_result(row) if row else None
+
+    def expire(self, max_age_s: float, now: float | None = None) -> list[str]:
+        """Samples older than max_age that are not in the broker's hands expire; their local answer stands."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            ids = [r[0] for r in db.execute(
+                "SELECT sample_id FROM outbox WHERE state IN ('queued','delivered') AND created_at < ?",
+                (now - max_age_s,))]
+            for sid in ids:
+                db.execute("UPDATE outbox SET state='expired', payload=NULL, updated_at=? WHERE sample_id=?",
+                           (now, sid))
+                self._finalize_local(db, sid, "expired")
+        return ids
+
+    # ------------------------------------------------------------ replies
+    def apply_correction(self, c: Correction, now: float | None = None) -> ApplyOutcome:
+        """Apply a cloud correction exactly once (keyed by sample id)."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM outbox WHERE sample_id=?", (c.sample_id,)).fetchone()
+            if row is None:
+                return ApplyOutcome(None, "unknown")
+            if row[0] not in _OPEN_STATES:
+                return ApplyOutcome(None, "duplicate" if row[0] == "corrected" else "late")
+            db.execute("UPDATE outbox SET state='corrected', payload=NULL, updated_at=? WHERE sample_id=?",
+                       (now, c.sample_id))
+            db.execute("UPDATE results SET label=?, label_name=?, confidence=?, origin='cloud', state='final', "
+                       "corrected_at=?, cloud_model=?, pub_seq=? WHERE sample_id=?",
+                       (c.label, c.label_name, c.confidence, now, c.model_id, next(self._pub_seq), c.sample_id))
+            r = db.execute(f"SELECT {_RESULT_COLS} FROM results WHERE sample_id=?", (c.sample_id,)).fetchone()
+        return ApplyOutcome(_row_to_result(r) if r else None, "applied")
+
+    def apply_error(self, e: ErrorReply) -> ApplyOutcome:
+        """The cloud could not process the sample: the local answer becomes final."""
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM outbox WHERE sample_id=?", (e.sample_id,)).fetchone()
+            if row is None:
+                return ApplyOutcome(None, "unknown")
+            if row[0] not in _OPEN_STATES:
+                return ApplyOutcome(None, "duplicate" if row[0] in ("corrected", "failed") else "late")
+            reason = f"cloud error {e.code}: {e.message}"
+            db.execute("UPDATE outbox SET state='failed', last_error=?, payload=NULL, updated_at=? WHERE sample_id=?",
+                       (reason, time.time(), e.sample_id))
+            return ApplyOutcome(self._finalize_local(db, e.sample_id, reason), "applied")
+
+    # ------------------------------------------------------------ queries
+    def get_result(self, sample_id: str) -> Result | None:
+        with self._tx() as db:
+            row = db.execute(f"SELECT {_RESULT_COLS} FROM results WHERE sample_id=?", (sample_id,)).fetchone()
+        return _row_to_result(row) if row else None
+
+    def all_results(self) -> list[Result]:
+        with self._tx() as db:
+            rows = db.execute(f"SELECT {_RESULT_COLS} FROM results ORDER BY created_at").fetchall()
+        return [_row_to_result(r) for r in rows]
+
+    def outbox_counts(self) -> dict[str, int]:
+        with self._tx() as db:
+            rows = db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall()
+        counts = dict.fromkeys(OUTBOX_STATES, 0)
+        counts.update(dict(rows))
+        return counts
+
+    def outbox_state(self, sample_id: str) -> tuple[str, str | None] | None:
+        with self._tx() as db:
+            row = db.execute("SELECT state, last_error FROM outbox WHERE sample_id=?", (sample_id,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def unpublished_count(self) -> int:
+        with self._tx() as db:
+            (n,) = db.execute("SELECT COUNT(*) FROM results WHERE pub_seq > acked_seq").fetchone()
+        return n
+
+    def prune_results(self, keep: int) -> int:
+        """Drop the oldest final, published results beyond ``keep`` (never unpublished or provisional ones)."""
+        with self._tx() as db:
+            (total,) = db.execute("SELECT COUNT(*) FROM results").fetchone()
+            if total <= keep:
+                return 0
+            n = db.execute(
+                "DELETE FROM results WHERE sample_id IN (SELECT sample_id FROM results WHERE state='final' "
+                "AND acked_seq >= pub_seq ORDER BY created_at LIMIT ?)", (total - keep,)).rowcount
+            db.execute("DELETE FROM outbox WHERE state IN ('corrected','expired','failed') AND sample_id NOT IN "
+                       "(SELECT sample_id FROM results)")
+        return n
+
+
+class _Transaction:
+    def __init__(self, lock: threading.Lock, db: sqlite3.Connection) -> None:
+        self._lock, self._db = lock, db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._lock.acquire()
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._lock.release()
+            raise
+        return self._db
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self._lock.release()

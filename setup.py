@@ -1,0 +1,42 @@
+"""One distribution, two sides.
+
+The device side lives in device/ and imports as ``edge_infer``; the cloud
+worker lives in cloud_worker/ and imports as ``edge_infer_cloud``. Names of
+folders are fixed by the client; the import names avoid a bare top-level
+``device`` package in site-packages.
+"""
+from setuptools import setup
+
+DEVICE = [
+    "numpy>=1.23",
+    "pillow>=9.4",
+    "paho-mqtt>=2.1,<3",
+    "tomli>=2.0; python_version<'3.11'",
+]
+
+setup(
+    name="edge-infer",
+    version="0.1.0",
+    description="Hybrid edge/cloud inference runtime for Coral and Jetson devices",
+    python_requires=">=3.10",
+    packages=["edge_infer", "edge_infer.backends", "edge_infer_cloud"],
+    package_dir={"edge_infer": "device", "edge_infer_cloud": "cloud_worker"},
+    install_requires=DEVICE,
+    extras_require={
+        # The default TFLite runtime: maintained, numpy 2, wheels for
+        # Python 3.10-3.14 on x86_64 and aarch64, XNNPACK for int8 models.
+        "device": ["ai-edge-litert>=2.3,<3"],
+        # Coral images pin tflite-runtime; its last release (2.14) needs
+        # numpy<2 and has no wheels beyond Python 3.11.
+        "tflite-runtime": ["tflite-runtime>=2.14,<2.15", "numpy<2"],
+        "cloud": ["onnxruntime>=1.16"],
+        "systemd": ["systemd-python>=234"],
+        "dev": ["pytest>=8", "tqdm>=4.60", "ruff>=0.5"],
+    },
+    entry_points={
+        "console_scripts": [
+            "edge-infer=edge_infer.cli:main",
+            "edge-infer-cloud-worker=edge_infer_cloud.cli:main",
+        ]
+    },
+)

@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+
+from edge_infer.config import load_device_config, parse_device_config
+from edge_infer.tomlcfg import ConfigError
+
+BASE = {"device_id": "dev-1", "model": {"card": "/m/card.json"}}
+
+
+def test_minimal_config_gets_defaults():
+    cfg = parse_device_config(BASE)
+    assert cfg.device_id == "dev-1"
+    assert cfg.mqtt.port == 1883 and cfg.policy.threshold == 0.9 and cfg.spool.dir is None
+    assert cfg.client_id == "edge-infer-dev-1"
+
+
+@pytest.mark.parametrize("table, key", [
+    ({**BASE, "mqtt": {"prot": 1}}, "mqtt.prot"),
+    ({**BASE, "colour": 1}, "colour"),
+])
+def test_unknown_keys_are_named(table, key):
+    with pytest.raises(ConfigError, match=f"unknown key '{key}'"):
+        parse_device_config(table)
+
+
+@pytest.mark.parametrize("table, needle", [
+    ({**BASE, "mqtt": {"port": "1883"}}, "mqtt.port: expected an integer"),
+    ({**BASE, "mqtt": {"port": 70000}}, "mqtt.port = 70000: must be between"),
+    ({**BASE, "policy": {"threshold": 1.5}}, "policy.threshold = 1.5"),
+    ({**BASE, "policy": {"offload": "yes"}}, "policy.offload: expected true or false"),
+    ({**BASE, "device_id": "a/b"}, "device_id = 'a/b'"),
+    ({**BASE, "model": {"card": "x", "runtime": "tensorflow"}}, "model.runtime = 'tensorflow': must be one of"),
+    ({"device_id": "d"}, "model: required but missing"),
+    ({**BASE, "mqtt": {"topic_prefix": "a/+/b"}}, "mqtt.topic_prefix"),
+])
+def test_bad_values_are_named(table, needle):
+    with pytest.raises(ConfigError) as exc:
+        parse_device_config(table)
+    assert needle in str(exc.value)
+
+
+def test_int_is_accepted_for_float_and_relative_paths_resolve(tmp_path: Path):
+    f = tmp_path / "edge-infer.toml"
+    f.write_text('device_id = "d1"\nstate_dir = "state"\n[model]\ncard = "models/card.json"\n'
+                 '[policy]\nthreshold = 1\n[spool]\ndir = "spool"\n')
+    cfg = load_device_config(f)
+    assert cfg.policy.threshold == 1.0
+    assert cfg.model.card == tmp_path / "models/card.json"
+    assert cfg.state_dir == tmp_path / "state" and cfg.spool.dir == tmp_path / "spool"
+
+
+def test_invalid_toml_and_missing_file(tmp_path: Path):
+    f = tmp_path / "bad.toml"
+    f.write_text("device_id = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_device_config(f)
+    with pytest.raises(ConfigError, match="not found"):
+        load_device_config(tmp_path / "nope.toml")
+
+
+def test_tls_needs_cert_and_key_together():
+    with pytest.raises(ConfigError, match="cert_file and tls.key_file"):
+        parse_device_config({**BASE, "mqtt": {"tls": {"ca_file": "/ca.pem", "cert_file": "/c.pem"}}})
+
+
+def test_config_is_frozen():
+    cfg = parse_device_config(BASE)
+    with pytest.raises(AttributeError):
+        cfg.device_id = "x"  # type: ignore[misc]

@@ -1,0 +1,77 @@
+import json
+
+import pytest
+
+from edge_infer import protocol
+from edge_infer.protocol import Correction, ErrorReply, ProtocolError, SampleMeta, Topics
+
+T = Topics("edge-infer", "dev-1")
+
+
+def sample(**over):
+    args = dict(topic=T.samples, payload=b"\x89PNG...", prefix="edge-infer", content_type="image/png",
+                response_topic=T.corrections, correlation_data=b"abc123",
+                user_properties=protocol.sample_properties(SampleMeta("abc123", "dev-1", "m:1", 3, 0.5, 1.0)),
+                max_bytes=1000)
+    args.update(over)
+    return protocol.parse_sample(**args)
+
+
+def test_topics():
+    assert T.samples == "edge-infer/dev-1/samples" and T.corrections == "edge-infer/dev-1/corrections"
+    assert protocol.shared_samples_filter("edge-infer", "g") == "$share/g/edge-infer/+/samples"
+    assert protocol.device_of_sample_topic("edge-infer/dev-1/samples", "edge-infer") == "dev-1"
+    assert protocol.device_of_sample_topic("edge-infer/dev-1/results", "edge-infer") is None
+    assert protocol.device_of_sample_topic("other/dev-1/samples", "edge-infer") is None
+
+
+def test_valid_sample_parses():
+    req = sample()
+    assert req.device_id == "dev-1" and req.sample_id == "abc123" and req.created_at == 1.0
+
+
+@pytest.mark.parametrize("over, code", [
+    ({"topic": "edge-infer/dev-1/other"}, "bad_topic"),
+    ({"response_topic": "edge-infer/dev-2/corrections"}, "bad_response_topic"),
+    ({"response_topic": None}, "bad_response_topic"),
+    ({"correlation_data": None}, "no_correlation"),
+    ({"correlation_data": b"\xff\xfe"}, "bad_correlation"),
+    ({"correlation_data": b"has space"}, "bad_correlation"),
+    ({"content_type": "text/plain"}, "bad_content_type"),
+    ({"payload": b"x" * 1001}, "too_large"),
+    ({"payload": b""}, "empty"),
+    ({"user_properties": [("device_id", "dev-9")]}, "device_mismatch"),
+    ({"user_properties": [("v", "2")]}, "bad_version"),
+])
+def test_bad_samples_are_rejected_with_a_code(over, code):
+    with pytest.raises(ProtocolError) as exc:
+        sample(**over)
+    assert exc.value.code == code
+
+
+def test_correction_round_trip():
+    c = Correction("abc123", 4, "coat", 0.93, "cloud:1", "w1")
+    back = protocol.parse_reply(protocol.encode_correction(c), b"abc123", num_labels=10)
+    assert back == Correction("abc123", 4, "coat", 0.93, "cloud:1", "w1")
+
+
+def test_error_reply_round_trip():
+    e = ErrorReply("abc123", "bad_image", "not decodable", "w1")
+    assert protocol.parse_reply(protocol.encode_error(e), b"abc123", num_labels=10) == e
+
+
+@pytest.mark.parametrize("payload, cd, code", [
+    (b"not json", None, "bad_json"),
+    (b"[1,2]", None, "bad_schema"),
+    (json.dumps({"v": 2, "type": "correction"}).encode(), None, "bad_version"),
+    (json.dumps({"v": 1, "type": "correction", "sample_id": "s1", "label": 10, "confidence": 0.5}).encode(), None, "bad_label"),
+    (json.dumps({"v": 1, "type": "correction", "sample_id": "s1", "label": True, "confidence": 0.5}).encode(), None, "bad_schema"),
+    (json.dumps({"v": 1, "type": "correction", "sample_id": "s1", "label": 1, "confidence": 1.5}).encode(), None, "bad_schema"),
+    (json.dumps({"v": 1, "type": "correction", "sample_id": "s1", "label": 1, "confidence": 0.5}).encode(), b"s2", "bad_correlation"),
+    (json.dumps({"v": 1, "type": "other", "sample_id": "s1"}).encode(), None, "bad_schema"),
+    (b"{" + b" " * 5000 + b"}", None, "too_large"),
+])
+def test_bad_replies_are_rejected(payload, cd, code):
+    with pytest.raises(ProtocolError) as exc:
+        protocol.parse_reply(payload, cd, num_labels=10)
+    assert exc.value.code == code
