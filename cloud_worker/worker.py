@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -42,7 +43,12 @@ class CloudWorker:
         self.model = CloudModel(self.cfg.model.card, self.cfg.model.intra_op_threads)
         topic = protocol.shared_samples_filter(self.cfg.mqtt.topic_prefix, self.cfg.worker.group)
         self.status_topic = protocol.worker_status_topic(self.cfg.mqtt.topic_prefix, self.worker_id)
-        self.link = MqttLink(self.cfg.mqtt, self.cfg.client_id, subscriptions=[(topic, 1)], manual_ack=True,
+        # A clean, non-persistent session: a stopped worker must not keep a share of the
+        # group's samples queued in the broker. Samples lost with a dead worker's session
+        # are re-sent by their device (outbox resend_after_s); corrections apply once.
+        mqtt_cfg = replace(self.cfg.mqtt, session_expiry_s=0)
+        self.link = MqttLink(mqtt_cfg, self.cfg.client_id, subscriptions=[(topic, 1)], manual_ack=True,
+                             clean_start=True,
                              receive_maximum=max(2 * self.cfg.worker.batch_max, 64),
                              will=(self.status_topic, self._status("offline")))
         self._thread = threading.Thread(target=self._run, name="worker", daemon=True)

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 RESULTS_WINDOW = 256          # result publications in flight at once
 STATUS_INTERVAL_S = 10.0
-MAINTENANCE_INTERVAL_S = 5.0
+MAINTENANCE_INTERVAL_S = 1.0
 
 
 class EdgeService:
@@ -349,6 +349,11 @@ class EdgeService:
             log.info("reply for sample %s ignored (%s)", reply.sample_id, outcome.reason)
 
     def _maintenance(self) -> None:
+        resent = self.store.resend_stale(self.cfg.outbox.resend_after_s)
+        if resent:
+            self.counters.inc("resent", resent)
+            log.warning("%d delivered sample(s) got no reply within %.0fs; sending them again", resent,
+                        self.cfg.outbox.resend_after_s)
         expired = self.store.expire(self.cfg.outbox.max_age_s)
         if expired:
             self.counters.inc("expired", len(expired))

@@ -7,6 +7,7 @@ transactions: a crash leaves either all of it or none of it.
 Outbox states::
 
     queued -> inflight -> delivered -> corrected
+       |          |           |-----> queued again (no reply within resend_after_s)
        |          |           `-----> expired (no correction within max age)
        |          `-> failed (the broker refused the publish; reason kept)
        `-> expired (not sent within max age)
@@ -228,6 +229,18 @@ class Store:
                            (now, sid))
                 self._finalize_local(db, sid, "expired")
         return ids
+
+    def resend_stale(self, after_s: float, now: float | None = None) -> int:
+        """Delivered samples with no reply after ``after_s`` go back to queued.
+
+        The broker's PUBACK only means the broker has the sample: with no worker
+        subscribed yet, or a broker restarted without persistence, it is gone.
+        Sending again is safe because corrections are applied once.
+        """
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            return db.execute("UPDATE outbox SET state='queued', updated_at=? WHERE state='delivered' "
+                              "AND updated_at < ?", (now, now - after_s)).rowcount
 
     # ------------------------------------------------------------ replies
     def apply_correction(self, c: Correction, now: float | None = None) -> ApplyOutcome:

@@ -146,6 +146,16 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, Path)):
+        return f'"{value}"'
+    return repr(value)
+
+
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(key, type, default, help) rows, for the configuration reference."""
     rows = []
@@ -153,13 +163,14 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows.extend(describe(tp, key))
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if dataclasses.is_dataclass(tp) or (len(inner) == 1 and dataclasses.is_dataclass(inner[0])):
+            rows.extend(describe(tp if dataclasses.is_dataclass(tp) else inner[0], key))
             continue
         if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
+            default = _toml_value(f.default)
         elif f.default_factory is not dataclasses.MISSING:
-            default = repr(f.default_factory())
+            default = _toml_value(f.default_factory())
         else:
             default = "(required)"
         rows.append((key, _type_name(tp), default, f.metadata.get("help", "")))

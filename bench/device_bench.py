@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Device benchmark: the service path vs a bare interpreter loop, in one run.
+
+    .venv/bin/python bench/device_bench.py [--images 10000] [--out out/bench-device.json]
+
+1. bare:    set_tensor/invoke/get_tensor on pre-quantized inputs (the runtime alone)
+2. service: EdgeService.classify() on raw uint8 images with a real local Mosquitto
+            connected (preprocess, score, policy, SQLite result + outbox, publishing)
+   Both run interleaved in rounds so machine noise hits both alike; the ratio
+   and the per-input overhead (service - bare) are reported.
+3. memory:  peak RSS (VmHWM) of a real `edge-infer run` process classifying
+            spool files, read from /proc.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from edge_infer.backends import BackendOptions, create_backend  # noqa: E402
+from edge_infer.config import DeviceConfig, ModelConfig, MqttConfig, PolicyConfig  # noqa: E402
+from edge_infer.datasets import load_fashion_mnist  # noqa: E402
+from edge_infer.localbroker import LocalBroker  # noqa: E402
+from edge_infer.modelcard import load_card, verified_model_bytes  # noqa: E402
+from edge_infer.preprocess import Preprocessor, encode_png  # noqa: E402
+from edge_infer.service import EdgeService  # noqa: E402
+
+EDGE_CARD = REPO / "models" / "fmnist-edge-v1" / "card.json"
+
+
+def bare_loop(backend, tensors: np.ndarray) -> float:
+    t0 = time.perf_counter()
+    for t in tensors:
+        backend.invoke(t)
+    return time.perf_counter() - t0
+
+
+def service_loop(svc: EdgeService, images: np.ndarray) -> float:
+    t0 = time.perf_counter()
+    for im in images:
+        svc.classify(im)
+    return time.perf_counter() - t0
+
+
+def peak_memory(tmp: Path, port: int, images: np.ndarray, threshold: float) -> dict:
+    spool = tmp / "spool"
+    spool.mkdir()
+    cfg = tmp / "edge-infer.toml"
+    cfg.write_text(f'device_id = "bench-mem"\nstate_dir = "{tmp / "state-mem"}"\n'
+                   f'[model]\ncard = "{EDGE_CARD}"\n[policy]\nthreshold = {threshold}\n'
+                   f'[mqtt]\nport = {port}\n[spool]\ndir = "{spool}"\npoll_interval_s = 0.05\n')
+    proc = subprocess.Popen([sys.executable, "-m", "edge_infer", "run", "--config", str(cfg)],
+                            stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        for i, im in enumerate(images):
+            (spool / f".{i}.tmp").write_bytes(encode_png(im))
+            (spool / f".{i}.tmp").rename(spool / f"{i:05d}.png")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list((spool / "done").iterdir())) < len(images):
+            time.sleep(0.1)
+        done = len(list((spool / "done").iterdir()))
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        hwm_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+        rss_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    return {"files": len(images), "classified": done, "peak_rss_mb": round(hwm_kb / 1024, 1),
+            "rss_mb": round(rss_kb / 1024, 1)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=10000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threshold", type=float, default=0.9)
+    ap.add_argument("--memory-files", type=int, default=2000)
+    ap.add_argument("--out", type=Path, default=Path("out/bench-device.json"))
+    args = ap.parse_args()
+
+    test = load_fashion_mnist("t10k")
+    images = test.images[: args.images]
+    card = load_card(EDGE_CARD)
+    pre = Preprocessor(card.input)
+    backend = create_backend("tflite-cpu", card, verified_model_bytes(card), BackendOptions("auto", 1))
+    tensors = np.stack([pre.to_tensor(im) for im in images])
+
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        with LocalBroker(tmp / "broker") as broker:
+            cfg = DeviceConfig(device_id="bench", state_dir=tmp / "state", model=ModelConfig(card=EDGE_CARD),
+                               policy=PolicyConfig(threshold=args.threshold),
+                               mqtt=MqttConfig(host="127.0.0.1", port=broker.port))
+            svc = EdgeService(cfg)
+            svc.start()
+            while not svc.link.connected.is_set():
+                time.sleep(0.01)
+            bare_s, svc_s = [], []
+            for _ in range(args.rounds):
+                bare_s.append(bare_loop(backend, tensors))
+                svc_s.append(service_loop(svc, images))
+            offload_share = svc.counters.get("offloaded") / max(svc.counters.get("classified"), 1)
+            svc.stop()
+            mem = peak_memory(tmp, broker.port, images[: args.memory_files], args.threshold)
+
+    n = len(images)
+    bare_us = statistics.median(bare_s) / n * 1e6
+    svc_us = statistics.median(svc_s) / n * 1e6
+    report = {
+        "images": n, "rounds": args.rounds, "runtime": backend.runtime, "model": card.model_id,
+        "threshold": args.threshold, "offload_share": round(offload_share, 4),
+        "bare_us_per_input": round(bare_us, 1), "service_us_per_input": round(svc_us, 1),
+        "service_overhead_us_per_input": round(svc_us - bare_us, 1),
+        "service_vs_bare_throughput_ratio": round(bare_us / svc_us, 3),
+        "bare_inputs_per_s": round(1e6 / bare_us), "service_inputs_per_s": round(1e6 / svc_us),
+        "memory": mem,
+    }
+    print(f"model {card.model_id} on {backend.runtime}, {n} images x {args.rounds} rounds (medians)")
+    print(f"  bare interpreter loop   {bare_us:8.1f} us/input  {1e6 / bare_us:8.0f}/s")
+    print(f"  service classify()      {svc_us:8.1f} us/input  {1e6 / svc_us:8.0f}/s   "
+          f"(offloaded {offload_share:.1%})")
+    print(f"  service overhead        {svc_us - bare_us:8.1f} us/input  (goal < 100)")
+    print(f"  throughput ratio        {bare_us / svc_us:8.3f}  (service / bare)")
+    print(f"  peak RSS of `edge-infer run` over {mem['classified']} spool files: {mem['peak_rss_mb']} MB (goal < 120)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

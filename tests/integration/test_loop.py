@@ -1,0 +1,123 @@
+"""The whole loop on real parts: real Mosquitto, real models, real runtimes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_infer.preprocess import decode_image
+from edge_infer.protocol import Topics
+from edge_infer.service import EdgeService
+from edge_infer_cloud.model import CloudModel
+from edge_infer_cloud.worker import CloudWorker
+
+from ..conftest import CLOUD_CARD, wait_for
+from .helpers import device_config, worker_config
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def worker(broker):
+    w = CloudWorker(worker_config(broker.port))
+    w.start()
+    wait_for(w.link.connected.is_set, what="worker connected")
+    yield w
+    w.stop()
+
+
+@pytest.fixture
+def service(tmp_path, broker):
+    svc = EdgeService(device_config(tmp_path, broker.port))
+    svc.start()
+    wait_for(svc.link.connected.is_set, what="device connected")
+    yield svc
+    svc.stop()
+
+
+def drained(svc: EdgeService) -> bool:
+    c = svc.store.outbox_counts()
+    return c["queued"] + c["inflight"] + c["delivered"] == 0 and svc.store.unpublished_count() == 0
+
+
+def test_every_offloaded_sample_gets_the_cloud_models_correction(service, worker, fmnist, recorder_factory):
+    topics = service.topics
+    rec = recorder_factory(topics.results, topics.samples)
+    n = 300
+    images, labels = fmnist["test"].images[:n], fmnist["test"].labels[:n]
+    results = [service.classify(images[i], source=f"t{i}") for i in range(n)]
+    # answered at once, locally
+    assert all(r.origin == "edge" for r in results)
+    offloaded = [i for i, r in enumerate(results) if r.offloaded]
+    assert all(results[i].state == "provisional" for i in offloaded)
+    assert all(r.state == "final" for r in results if not r.offloaded)
+    assert 0 < len(offloaded) < n, "threshold 0.9 should offload some but not all inputs"
+
+    wait_for(lambda: drained(service), timeout=60, what="all corrections applied")
+    final = [service.result(r.sample_id) for r in results]
+    assert all(r.state == "final" for r in final)
+    assert [i for i, r in enumerate(final) if r.origin == "cloud"] == offloaded
+    assert service.counters.get("corrected") == len(offloaded)
+
+    # corrections are the cloud model's real predictions on those images
+    cloud = CloudModel(CLOUD_CARD)
+    expected = cloud.predict_fitted(images[offloaded])
+    assert [final[i].label for i in offloaded] == expected.tolist()
+
+    # hybrid accuracy from real predictions: at least the edge model's on this subset
+    edge_acc = np.mean([r.edge_label == y for r, y in zip(final, labels)])
+    hybrid_acc = np.mean([r.label == y for r, y in zip(final, labels)])
+    assert hybrid_acc >= edge_acc
+
+    # integrators saw a provisional and a final result for each offloaded input, and one final for the rest
+    wait_for(lambda: len(rec.on(topics.results)) >= n + len(offloaded), what="results published")
+    published = rec.json(topics.results)
+    finals = {m["sample_id"]: m for m in published if m["state"] == "final"}
+    assert len(finals) == n
+    assert sum(m["state"] == "provisional" for m in published) == len(offloaded)
+    for i in offloaded:
+        m = finals[results[i].sample_id]
+        assert m["origin"] == "cloud" and m["label"] == final[i].label and m["edge"]["label"] == results[i].edge_label
+
+    # samples on the wire: MQTT v5 request/response with a binary PNG
+    samples = rec.on(topics.samples)
+    assert len(samples) >= len(offloaded)
+    s = samples[0]
+    assert s.properties.ContentType == "image/png"
+    assert s.properties.ResponseTopic == topics.corrections
+    sid = s.properties.CorrelationData.decode()
+    idx = next(i for i, r in enumerate(results) if r.sample_id == sid)
+    assert np.array_equal(decode_image(s.payload).pixels, images[idx])
+    props = dict(s.properties.UserProperty)
+    assert props["sample_id"] == sid and props["device_id"] == service.cfg.device_id
+    assert int(props["edge_label"]) == results[idx].edge_label
+
+
+def test_device_status_is_retained_and_reports_the_outbox(service, recorder_factory):
+    rec = recorder_factory(service.topics.status)
+    wait_for(lambda: rec.json(service.topics.status), what="retained status")
+    st = rec.json(service.topics.status)[-1]
+    assert st["state"] == "online" and st["device"] == service.cfg.device_id
+    assert st["model"] == service.card.model_id and st["broker_connected"] is True
+    assert set(st["outbox"]) >= {"queued", "inflight", "delivered", "corrected", "expired", "failed"}
+
+
+def test_device_starts_offline_and_drains_when_the_broker_appears(tmp_path, fmnist):
+    from edge_infer.localbroker import LocalBroker, free_port
+    port = free_port()
+    # everything offloads; a short resend covers samples the broker took before any worker subscribed
+    svc = EdgeService(device_config(tmp_path, port, threshold=1.0, resend_after_s=2.0))
+    svc.start()
+    try:
+        results = [svc.classify(im) for im in fmnist["test"].images[:20]]
+        assert all(r.offloaded and r.state == "provisional" for r in results)
+        assert svc.store.outbox_counts()["queued"] == 20
+        with LocalBroker(tmp_path / "late-broker", port=port) as late:
+            w = CloudWorker(worker_config(late.port))
+            w.start()
+            try:
+                wait_for(lambda: drained(svc), timeout=60, what="backlog drained after the broker came up")
+                assert all(svc.result(r.sample_id).origin == "cloud" for r in results)
+            finally:
+                w.stop()
+    finally:
+        svc.stop()

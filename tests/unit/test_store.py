@@ -1,0 +1,126 @@
+"""The SQLite store on a real database file (no fakes: SQLite is the component)."""
+import time
+
+import pytest
+
+from edge_infer.protocol import Correction, ErrorReply
+from edge_infer.result import Result
+from edge_infer.store import OutboxItem, Store
+
+
+def make(sid: str, offloaded: bool = True, created: float | None = None) -> tuple[Result, OutboxItem | None]:
+    now = time.time() if created is None else created
+    r = Result(sample_id=sid, label=1, label_name="b", confidence=0.4, origin="edge",
+               state="provisional" if offloaded else "final", offloaded=offloaded, edge_label=1,
+               edge_confidence=0.4, model_id="m:1", created_at=now)
+    item = OutboxItem(sid, now, "image/png", b"png", (("k", "v"),)) if offloaded else None
+    return r, item
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "state.db")
+    s.open()
+    yield s
+    s.close()
+
+
+def test_outbox_state_machine_and_exactly_once_correction(store):
+    store.record(*make("s1"))
+    store.record(*make("s2", offloaded=False))
+    assert [i.sample_id for i in store.queued_samples(10)] == ["s1"]
+    assert store.queued_samples(10)[0].props == (("k", "v"),)
+    store.mark_inflight(["s1"])
+    assert store.queued_samples(10) == []
+    store.mark_delivered(["s1"])
+    assert store.outbox_state("s1") == ("delivered", None)
+    c = Correction("s1", 7, "sneaker", 0.99, "cloud:1", "w")
+    first = store.apply_correction(c)
+    assert first.reason == "applied" and first.result.label == 7 and first.result.state == "final"
+    assert first.result.origin == "cloud" and first.result.edge_label == 1
+    again = store.apply_correction(Correction("s1", 3, "dress", 0.5, "cloud:1", "w"))
+    assert again.reason == "duplicate" and again.result is None
+    assert store.get_result("s1").label == 7
+    assert store.apply_correction(Correction("nope", 1, "", 0.5, "", "")).reason == "unknown"
+    assert store.apply_correction(Correction("s2", 1, "", 0.5, "", "")).reason == "unknown"
+
+
+def test_inflight_samples_are_requeued_at_open(tmp_path):
+    s = Store(tmp_path / "db")
+    s.open()
+    s.record(*make("a"))
+    s.record(*make("b"))
+    s.mark_inflight(["a", "b"])
+    s.mark_delivered(["b"])
+    s.close()
+    s2 = Store(tmp_path / "db")
+    assert s2.open() == 1
+    assert [i.sample_id for i in s2.queued_samples(10)] == ["a"]
+    s2.close()
+
+
+def test_results_publication_sequence(store):
+    store.record(*make("a", offloaded=False))
+    store.record(*make("b"))
+    pending = store.unpublished_results(0, 10)
+    assert [r.sample_id for _, r in pending] == ["a", "b"]
+    store.ack_results([(r.sample_id, seq) for seq, r in pending])
+    assert store.unpublished_count() == 0
+    # a correction makes the result due for publication again, with a newer sequence
+    store.apply_correction(Correction("b", 2, "c", 0.9, "cloud:1", "w"))
+    (seq, r), = store.unpublished_results(0, 10)
+    assert r.sample_id == "b" and r.state == "final" and seq > max(s for s, _ in pending)
+    # an ack of the older publication does not count for the newer one
+    store.ack_results([("b", pending[1][0])])
+    assert store.unpublished_count() == 1
+
+
+def test_expiry_finalises_local_answer_and_late_correction_is_ignored(store):
+    old = time.time() - 100
+    store.record(*make("old", created=old))
+    store.record(*make("new"))
+    assert store.expire(max_age_s=50) == ["old"]
+    r = store.get_result("old")
+    assert r.state == "final" and r.origin == "edge" and r.offload_error == "expired"
+    assert store.outbox_state("old")[0] == "expired"
+    assert store.apply_correction(Correction("old", 3, "x", 0.9, "c", "w")).reason == "late"
+    assert store.get_result("old").label == 1
+
+
+def test_refused_and_error_replies_make_the_local_answer_final(store):
+    store.record(*make("a"))
+    store.record(*make("b"))
+    store.mark_inflight(["a", "b"])
+    r = store.mark_failed("a", "refused by broker: Not authorized")
+    assert r.state == "final" and "Not authorized" in r.offload_error
+    store.mark_delivered(["b"])
+    out = store.apply_error(ErrorReply("b", "bad_image", "cannot decode", "w"))
+    assert out.reason == "applied" and out.result.state == "final" and "bad_image" in out.result.offload_error
+    assert store.outbox_counts()["failed"] == 2
+
+
+def test_prune_never_drops_unpublished_or_provisional(store):
+    for i in range(5):
+        store.record(*make(f"f{i}", offloaded=False, created=1000 + i))
+    store.record(*make("p", created=999))
+    assert store.prune_results(keep=2) == 0  # nothing published yet
+    pending = store.unpublished_results(0, 10)
+    store.ack_results([(r.sample_id, s) for s, r in pending])
+    assert store.prune_results(keep=2) == 4   # 6 rows, the provisional one stays
+    assert store.get_result("p") is not None and store.get_result("f4") is not None
+
+
+def test_corrupt_database_gives_an_operator_message(tmp_path):
+    p = tmp_path / "db"
+    p.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(RuntimeError, match="move it aside"):
+        Store(p).open()
+
+
+def test_delivered_without_reply_is_resent(store):
+    store.record(*make("a"))
+    store.mark_inflight(["a"])
+    store.mark_delivered(["a"])
+    assert store.resend_stale(after_s=60) == 0
+    assert store.resend_stale(after_s=60, now=time.time() + 61) == 1
+    assert [i.sample_id for i in store.queued_samples(5)] == ["a"]
