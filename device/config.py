@@ -75,7 +75,11 @@ class PolicyConfig:
 class OutboxConfig:
     max_inflight: int = option(32, help="samples published and not yet acknowledged by the broker",
                                check=in_range(1, 65535))
-    max_age_s: float = option(24 * 3600.0, help="a sample not delivered within this is expired", check=positive)
+    max_age_s: float = option(24 * 3600.0, help="a sample not corrected within this expires (its local answer "
+                                                "stands)", check=positive)
+    max_bytes: int = option(256 * 1024 * 1024, help="disk budget for the payloads of samples awaiting correction; "
+                                                    "beyond it the oldest are evicted (counted, local answers stay)",
+                            check=positive)
     resend_after_s: float = option(120.0, help="a delivered sample with no reply after this is sent again "
                                                "(the broker may have had no worker for it)", check=positive)
     max_payload_bytes: int = option(1024 * 1024, help="largest sample payload accepted for offload",

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ class EdgeService:
         self.cfg = cfg
         self.topics = protocol.Topics(cfg.mqtt.topic_prefix, cfg.device_id)
         self.counters = Counters()
-        self.store = Store(Path(cfg.state_dir) / "edge-infer.db")
+        self.store = Store(Path(cfg.state_dir) / "edge-infer.db", max_bytes=cfg.outbox.max_bytes)
         self.policy = ThresholdPolicy(cfg.policy.threshold, cfg.policy.offload)
         self.card = load_card(cfg.model.card)
         self.pre = Preprocessor(self.card.input)
@@ -51,6 +52,7 @@ class EdgeService:
         self.link: MqttLink | None = None
         self.spool: SpoolWatcher | None = None
         self._infer_lock = threading.Lock()
+        self._waiters: dict[str, threading.Event] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
@@ -113,25 +115,30 @@ class EdgeService:
         self.stop()
 
     # ------------------------------------------------------------ the API
-    def classify(self, image: np.ndarray | Image.Image | bytes, source: str = "") -> Result:
+    def classify(self, image: np.ndarray | Image.Image | bytes, source: str = "", *,
+                 wait_for_cloud: float = 0.0) -> Result:
         """Classify one image now. Offloads it when the model is not confident.
 
         ``image``: a uint8 array (H, W) or (H, W, 3), a PIL image, or encoded
         PNG/JPEG/BMP/PGM bytes. Raises ImageError for anything else.
+        ``wait_for_cloud``: for callers that would rather wait: up to this many
+        seconds for the correction of an offloaded input; the local (provisional)
+        result is returned if it does not arrive in time.
         """
         if isinstance(image, (bytes, bytearray, memoryview)):
-            return self.classify_bytes(bytes(image), source)
+            return self.classify_bytes(bytes(image), source, wait_for_cloud=wait_for_cloud)
         if isinstance(image, Image.Image):
             image = np.asarray(image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode))
         if not isinstance(image, np.ndarray):
             raise ImageError(f"classify() takes a uint8 array, a PIL image or encoded bytes, not {type(image).__name__}")
-        return self._classify(image, source, None)
+        return self._classify(image, source, None, wait_for_cloud)
 
-    def classify_bytes(self, data: bytes, source: str = "") -> Result:
+    def classify_bytes(self, data: bytes, source: str = "", *, wait_for_cloud: float = 0.0) -> Result:
         decoded = decode_image(data, max_bytes=max(self.cfg.spool.max_file_bytes, self.cfg.outbox.max_payload_bytes))
-        return self._classify(decoded.pixels, source, (data, decoded.content_type))
+        return self._classify(decoded.pixels, source, (data, decoded.content_type), wait_for_cloud)
 
-    def _classify(self, pixels: np.ndarray, source: str, encoded: tuple[bytes, str] | None) -> Result:
+    def _classify(self, pixels: np.ndarray, source: str, encoded: tuple[bytes, str] | None,
+                  wait_for_cloud: float = 0.0) -> Result:
         fitted = self.pre.fit(pixels)
         tensor = self.pre.batch(fitted[None])
         with self._infer_lock:
@@ -160,12 +167,27 @@ class EdgeService:
             confidence=pred.confidence, origin="edge", state="provisional" if offloaded else "final",
             offloaded=offloaded, edge_label=pred.label, edge_confidence=pred.confidence,
             model_id=self.card.model_id, created_at=now, source=source, offload_error=offload_error)
-        self.store.record(result, item)
+        waiter = None
+        if offloaded and wait_for_cloud > 0:
+            waiter = self._waiters[sample_id] = threading.Event()   # before the sample can be sent
+        _, evicted = self.store.record(result, item)
+        if evicted:
+            self.counters.inc("evicted", len(evicted))
+            log.warning("outbox byte budget (%d bytes) full: evicted %d oldest sample(s); their local answers stand",
+                        self.cfg.outbox.max_bytes, len(evicted))
+            if sample_id in evicted:
+                result = replace(result, state="final", offloaded=False, offload_error="evicted: outbox byte budget full")
         self.counters.inc("classified")
         if offloaded:
             self.counters.inc("offloaded")
         self._last_progress = time.monotonic()
         self._wake.set()
+        if waiter is not None:
+            try:
+                if waiter.wait(wait_for_cloud):
+                    return self.store.get_result(sample_id) or result
+            finally:
+                self._waiters.pop(sample_id, None)
         return result
 
     def result(self, sample_id: str) -> Result | None:
@@ -344,7 +366,11 @@ class EdgeService:
                 self.counters.inc("corrected")
                 if outcome.result is not None and outcome.result.label != outcome.result.edge_label:
                     self.counters.inc("corrections_changed_label")
-        if outcome.reason != "applied":
+        if outcome.reason == "applied":
+            waiter = self._waiters.get(reply.sample_id)
+            if waiter is not None:
+                waiter.set()
+        else:
             self.counters.inc(f"replies_{outcome.reason}")
             log.info("reply for sample %s ignored (%s)", reply.sample_id, outcome.reason)
 

@@ -10,7 +10,8 @@ Outbox states::
        |          |           |-----> queued again (no reply within resend_after_s)
        |          |           `-----> expired (no correction within max age)
        |          `-> failed (the broker refused the publish; reason kept)
-       `-> expired (not sent within max age)
+       |-> expired (not sent within max age)
+       `-> evicted (the byte budget was full: oldest uncorrected first)
 
 ``inflight`` rows go back to ``queued`` at start-up (the process that sent
 them is gone). Results carry a publication sequence number: a result is
@@ -34,7 +35,7 @@ from .result import Result
 
 log = logging.getLogger(__name__)
 
-OUTBOX_STATES = ("queued", "inflight", "delivered", "corrected", "expired", "failed")
+OUTBOX_STATES = ("queued", "inflight", "delivered", "corrected", "expired", "evicted", "failed")
 _OPEN_STATES = ("queued", "inflight", "delivered")
 
 _SCHEMA = """
@@ -67,6 +68,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     state        TEXT NOT NULL,
     content_type TEXT NOT NULL,
     payload      BLOB,
+    size         INTEGER NOT NULL DEFAULT 0,
     props        TEXT NOT NULL,
     attempts     INTEGER NOT NULL DEFAULT 0,
     last_error   TEXT
@@ -107,8 +109,11 @@ def _row_to_result(row: tuple) -> Result:
 class Store:
     """Thread-safe: one connection, one lock; every public method is one transaction."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_bytes: int | None = None) -> None:
         self.path = Path(path)
+        #: budget for the payloads of samples not yet corrected; None = unbounded
+        self.max_bytes = max_bytes
+        self._held_bytes = 0
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._pub_seq = itertools.count(1)
@@ -130,6 +135,7 @@ class Store:
         self._db = db
         (max_seq,) = db.execute("SELECT COALESCE(MAX(pub_seq), 0) FROM results").fetchone()
         self._pub_seq = itertools.count(max_seq + 1)
+        self._held_bytes = self._payload_bytes(db)
         with self._tx():
             n = db.execute("UPDATE outbox SET state='queued', updated_at=? WHERE state='inflight'",
                            (time.time(),)).rowcount
@@ -152,9 +158,18 @@ class Store:
         return self._db
 
     # ------------------------------------------------------------ recording
-    def record(self, result: Result, item: OutboxItem | None = None) -> int:
-        """Store a new result (and its offloaded sample). Returns its publication sequence."""
+    @staticmethod
+    def _payload_bytes(db: sqlite3.Connection) -> int:
+        (n,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM outbox WHERE payload IS NOT NULL").fetchone()
+        return n
+
+    def record(self, result: Result, item: OutboxItem | None = None) -> tuple[int, list[str]]:
+        """Store a new result (and its offloaded sample), evicting to stay in budget.
+
+        Returns (publication sequence, ids of samples evicted to make room).
+        """
         seq = next(self._pub_seq)
+        evicted: list[str] = []
         with self._tx() as db:
             db.execute(
                 f"INSERT INTO results ({_RESULT_COLS}, pub_seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -164,11 +179,39 @@ class Store:
                  result.offload_error, seq))
             if item is not None:
                 db.execute(
-                    "INSERT INTO outbox (sample_id, created_at, updated_at, state, content_type, payload, props) "
-                    "VALUES (?,?,?,?,?,?,?)",
+                    "INSERT INTO outbox (sample_id, created_at, updated_at, state, content_type, payload, size, props) "
+                    "VALUES (?,?,?,?,?,?,?,?)",
                     (item.sample_id, item.created_at, item.created_at, "queued", item.content_type, item.payload,
-                     json.dumps(item.props)))
-        return seq
+                     len(item.payload), json.dumps(item.props)))
+                self._held_bytes += len(item.payload)
+                if self.max_bytes is not None and self._held_bytes > self.max_bytes:
+                    evicted = self._evict(db)
+        return seq, evicted
+
+    def _evict(self, db: sqlite3.Connection) -> list[str]:
+        """Oldest uncorrected samples go first until the payloads fit the budget.
+
+        Oldest first because they are the closest to expiring and the least
+        useful to an operator waiting for fresh corrections. In-flight samples
+        are in paho's hands and are skipped. Their local results stay.
+        """
+        assert self.max_bytes is not None
+        self._held_bytes = self._payload_bytes(db)  # the running count only overestimates
+        evicted: list[str] = []
+        if self._held_bytes <= self.max_bytes:
+            return evicted
+        now = time.time()
+        rows = db.execute("SELECT sample_id, size FROM outbox WHERE state IN ('queued','delivered') "
+                          "AND payload IS NOT NULL ORDER BY seq").fetchall()
+        for sid, size in rows:
+            if self._held_bytes <= self.max_bytes:
+                break
+            db.execute("UPDATE outbox SET state='evicted', payload=NULL, updated_at=?, last_error=? "
+                       "WHERE sample_id=?", (now, "evicted: outbox.max_bytes reached", sid))
+            self._finalize_local(db, sid, "evicted: outbox byte budget full")
+            self._held_bytes -= size
+            evicted.append(sid)
+        return evicted
 
     # ------------------------------------------------------------ publishing results
     def unpublished_results(self, after_seq: int, limit: int) -> list[tuple[int, Result]]:

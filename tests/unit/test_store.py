@@ -8,12 +8,13 @@ from edge_infer.result import Result
 from edge_infer.store import OutboxItem, Store
 
 
-def make(sid: str, offloaded: bool = True, created: float | None = None) -> tuple[Result, OutboxItem | None]:
+def make(sid: str, offloaded: bool = True, created: float | None = None,
+         payload: bytes = b"png") -> tuple[Result, OutboxItem | None]:
     now = time.time() if created is None else created
     r = Result(sample_id=sid, label=1, label_name="b", confidence=0.4, origin="edge",
                state="provisional" if offloaded else "final", offloaded=offloaded, edge_label=1,
                edge_confidence=0.4, model_id="m:1", created_at=now)
-    item = OutboxItem(sid, now, "image/png", b"png", (("k", "v"),)) if offloaded else None
+    item = OutboxItem(sid, now, "image/png", payload, (("k", "v"),)) if offloaded else None
     return r, item
 
 
@@ -124,3 +125,25 @@ def test_delivered_without_reply_is_resent(store):
     assert store.resend_stale(after_s=60) == 0
     assert store.resend_stale(after_s=60, now=time.time() + 61) == 1
     assert [i.sample_id for i in store.queued_samples(5)] == ["a"]
+
+
+def test_byte_budget_evicts_oldest_uncorrected_first(tmp_path):
+    s = Store(tmp_path / "db", max_bytes=350)
+    s.open()
+    for i in range(3):
+        assert s.record(*make(f"s{i}", payload=b"x" * 100))[1] == []
+    s.mark_inflight(["s0"])                      # in paho's hands: never evicted
+    _, evicted = s.record(*make("s3", payload=b"x" * 100))
+    assert evicted == ["s1"]                     # the oldest that is not in flight
+    _, evicted = s.record(*make("s4", payload=b"x" * 200))
+    assert evicted == ["s2", "s3"]
+    counts = s.outbox_counts()
+    assert counts["evicted"] == 3 and counts["queued"] == 1 and counts["inflight"] == 1
+    r = s.get_result("s1")
+    assert r.state == "final" and r.origin == "edge" and "evicted" in r.offload_error
+    assert s.apply_correction(Correction("s1", 2, "c", 0.9, "m", "w")).reason == "late"
+    s.close()
+    s2 = Store(tmp_path / "db", max_bytes=350)   # the budget survives a restart
+    s2.open()
+    assert s2.record(*make("s5", payload=b"x" * 100))[1] == ["s0"]   # s0 was re-queued at start
+    s2.close()

@@ -1,0 +1,117 @@
+"""The command lines, run as real processes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_infer.preprocess import encode_png
+
+from ..conftest import CLOUD_CARD, EDGE_CARD, REPO, unique, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def device_toml(tmp: Path, port: int, **extra: str) -> Path:
+    f = tmp / "edge-infer.toml"
+    body = (f'device_id = "{extra.pop("device_id", unique("cli"))}"\nstate_dir = "{tmp / "state"}"\n'
+            f'[model]\ncard = "{EDGE_CARD}"\n[mqtt]\nport = {port}\nreconnect_max_s = 1\n')
+    for section, text in extra.items():
+        body += f"[{section}]\n{text}\n"
+    f.write_text(body)
+    return f
+
+
+def test_demo_runs_the_whole_loop_on_real_models(tmp_path):
+    out = tmp_path / "demo.json"
+    p = run("-m", "edge_infer", "demo", "--images", "300", "--out", str(out), "--no-progress", timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    r = json.loads(out.read_text())
+    assert r["images"] == 300
+    assert r["offloaded"] > 0 and r["corrections_received"] == r["offloaded"]
+    assert r["kept_on_device_share"] == pytest.approx(1 - r["offloaded"] / 300, abs=1e-4)
+    assert r["hybrid_accuracy"] >= r["edge_only_accuracy"]
+    assert r["correction_latency_ms"]["p50"] is not None
+    # an integrator subscribed to the results topic saw every final result
+    assert r["results_seen_by_subscriber"]["final"] == 300
+    assert r["results_seen_by_subscriber"]["provisional"] == r["offloaded"]
+    assert "hybrid accuracy" in p.stdout and "kept on device" in p.stdout
+
+
+def test_check_config_verdicts(tmp_path):
+    good = device_toml(tmp_path, 1883)
+    p = run("-m", "edge_infer", "check-config", str(good))
+    assert p.returncode == 0 and "OK" in p.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text(good.read_text().replace("[mqtt]\nport = 1883", "[mqtt]\nport = 1883\nprot = 1"))
+    p = run("-m", "edge_infer", "check-config", str(bad))
+    assert p.returncode == 2 and "unknown key 'mqtt.prot'" in p.stderr
+    p = run("-m", "edge_infer_cloud", "check-config", str(REPO / "deploy" / "config" / "cloud-worker.toml"))
+    assert p.returncode == 2 and "not found" in p.stderr   # the installed path does not exist here
+    w = tmp_path / "w.toml"
+    w.write_text(f'[model]\ncard = "{CLOUD_CARD}"\n')
+    assert run("-m", "edge_infer_cloud", "check-config", str(w)).returncode == 0
+
+
+def test_tampered_model_is_refused(tmp_path):
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(EDGE_CARD.parent, d)
+    data = bytearray((d / "model.tflite").read_bytes())
+    data[-1] ^= 0xFF
+    (d / "model.tflite").write_bytes(bytes(data))
+    cfg = device_toml(tmp_path, 1883)
+    cfg.write_text(cfg.read_text().replace(str(EDGE_CARD), str(d / "card.json")))
+    p = run("-m", "edge_infer", "check-config", str(cfg))
+    assert p.returncode == 2 and "sha256" in p.stderr and "Reinstall" in p.stderr
+
+
+def test_run_serves_the_spool_and_the_last_will_reports_a_crash(tmp_path, broker, recorder_factory, fmnist):
+    spool = tmp_path / "spool"
+    dev = unique("cli")
+    cfg = device_toml(tmp_path, broker.port, device_id=dev, spool=f'dir = "{spool}"\npoll_interval_s = 0.05')
+    status_topic, results_topic = f"edge-infer/{dev}/status", f"edge-infer/{dev}/results"
+    rec = recorder_factory(status_topic, results_topic)
+    proc = subprocess.Popen([sys.executable, "-m", "edge_infer", "run", "--config", str(cfg)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: any(s["state"] == "online" for s in rec.json(status_topic)), what="online status")
+        (spool / ".x").write_bytes(encode_png(fmnist["test"].images[0]))
+        os.rename(spool / ".x", spool / "img.png")
+        wait_for(lambda: (spool / "done" / "img.png").exists(), what="spool file classified")
+        wait_for(lambda: any(r["source"] == "img.png" for r in rec.json(results_topic)), what="result published")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        # keepalive 30 s is too slow for a test; the broker notices the closed socket at once
+        wait_for(lambda: rec.json(status_topic)[-1]["state"] == "offline", timeout=30, what="last will")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_run_stops_cleanly_on_sigterm_and_reports_bad_config(tmp_path, broker, recorder_factory):
+    dev = unique("cli")
+    cfg = device_toml(tmp_path, broker.port, device_id=dev)
+    rec = recorder_factory(f"edge-infer/{dev}/status")
+    proc = subprocess.Popen([sys.executable, "-m", "edge_infer", "run", "--config", str(cfg)],
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: any(s["state"] == "online" for s in rec.json(f"edge-infer/{dev}/status")))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    assert rec.json(f"edge-infer/{dev}/status")[-1]["state"] == "offline"
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(cfg.read_text().replace("[mqtt]", "[mqtt]\nport_number = 3"))
+    p = run("-m", "edge_infer", "run", "--config", str(bad))
+    assert p.returncode == 2 and "mqtt.port_number" in p.stderr
