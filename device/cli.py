@@ -33,16 +33,28 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def status_line(service) -> str:
+    st = service.status()
+    ob = st["outbox"]
+    c = st["counters"]
+    return (f"model {st['model']} on {st['backend']} | broker {'connected' if st['broker_connected'] else 'DISCONNECTED'}"
+            f" | outbox {ob['queued']} queued, {ob['inflight']} in flight, {ob['delivered']} awaiting correction"
+            f" | offload {st['offload_rate']:.1%} of {c.get('classified', 0)}, corrected {c.get('corrected', 0)}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .logsetup import setup_logging
+    from .sdnotify import Notifier
     from .service import EdgeService
+    notifier = Notifier()
     try:
         cfg = _load(args.config)
     except ConfigError as exc:
         setup_logging()
         log.error("invalid configuration %s: %s", args.config, exc)
+        notifier.status(f"invalid configuration: {exc}")
         return 2
-    setup_logging(cfg.log_level)
+    handler = setup_logging(cfg.log_level)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -51,10 +63,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         service.start()
     except Exception as exc:
         log.error("cannot start: %s", exc)
+        notifier.status(f"cannot start: {exc}")
         return 1
+    # READY once the model is loaded and answering; the broker may still be unreachable.
+    notifier.ready(status_line(service))
+    log.info("notify via %s, logging to %s, watchdog %s", notifier.via, handler,
+             f"{notifier.watchdog_s:.0f}s" if notifier.watchdog_s else "off")
+    wd = notifier.watchdog_s
+    tick = min(wd / 3, 5.0) if wd else 5.0
+    max_invoke_s = wd / 2 if wd else 10.0
+    reported = False
     try:
-        stop.wait()
+        while not stop.wait(tick):
+            ok, why = service.healthy(max_invoke_s)
+            if ok:
+                notifier.watchdog()
+                reported = False
+            elif not reported:
+                # No ping: systemd's WatchdogSec= kills and restarts us.
+                log.error("watchdog: %s; no longer pinging systemd so that it restarts the service", why)
+                reported = True
+            notifier.status(status_line(service) if ok else f"UNHEALTHY: {why}")
     finally:
+        notifier.stopping("stopping: finishing the current input, flushing the outbox state")
         service.stop()
     return 0
 

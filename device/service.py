@@ -34,6 +34,7 @@ from .store import OutboxItem, Store
 
 log = logging.getLogger(__name__)
 
+FAILPOINT_ENV = "EDGE_INFER_TEST_FAILPOINT"
 RESULTS_WINDOW = 256          # result publications in flight at once
 STATUS_INTERVAL_S = 10.0
 MAINTENANCE_INTERVAL_S = 1.0
@@ -53,6 +54,9 @@ class EdgeService:
         self.spool: SpoolWatcher | None = None
         self._infer_lock = threading.Lock()
         self._waiters: dict[str, threading.Event] = {}
+        self._invoke_started = 0.0
+        self._invokes = 0
+        self._hang_after = _test_failpoint_hang_after()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
@@ -142,7 +146,11 @@ class EdgeService:
         fitted = self.pre.fit(pixels)
         tensor = self.pre.batch(fitted[None])
         with self._infer_lock:
+            self._invoke_started = time.monotonic()
+            if self._hang_after is not None:
+                self._maybe_hang()
             raw = self.backend.invoke(tensor)
+            self._invoke_started = 0.0
         pred = max_softmax(probabilities(raw, self.card.output))
         decision = self.policy.decide(pred.confidence)
         now = time.time()
@@ -195,8 +203,28 @@ class EdgeService:
 
     @property
     def last_progress(self) -> float:
-        """time.monotonic() of the last classified input (the watchdog's heartbeat)."""
+        """time.monotonic() of the last classified input."""
         return self._last_progress
+
+    def healthy(self, max_invoke_s: float = 10.0) -> tuple[bool, str]:
+        """Is the inference loop making progress? (what the systemd watchdog pings on)
+
+        Unhealthy when one invoke has been running for longer than
+        ``max_invoke_s`` (a hung accelerator: a known failure of USB Edge
+        TPUs), or when the spool thread has stopped scanning.
+        """
+        started = self._invoke_started
+        if started and time.monotonic() - started > max_invoke_s:
+            return False, f"inference stuck for {time.monotonic() - started:.0f}s"
+        if self.spool is not None and not self.spool.alive(max_invoke_s + self.cfg.spool.poll_interval_s * 4):
+            return False, "spool thread stalled"
+        return True, "ok"
+
+    def _maybe_hang(self) -> None:
+        self._invokes += 1
+        if self._invokes > (self._hang_after or 0):
+            log.warning("test failpoint: inference hangs now (%s)", FAILPOINT_ENV)
+            threading.Event().wait()
 
     def status(self) -> dict[str, Any]:
         counts = self.counters.snapshot()
@@ -390,3 +418,18 @@ class EdgeService:
     def _publish_status(self) -> None:
         assert self.link is not None
         self.link.publish(self.topics.status, protocol.encode_status(self.status()), retain=True)
+
+
+def _test_failpoint_hang_after() -> int | None:
+    """Tests only: ``EDGE_INFER_TEST_FAILPOINT=hang_invoke_after=N`` hangs inference after N inputs.
+
+    Read from the environment at construction, never at import; a value that
+    does not match this exact form is ignored.
+    """
+    import os
+    value = os.environ.get(FAILPOINT_ENV, "")
+    if value.startswith("hang_invoke_after="):
+        count = value.split("=", 1)[1]
+        if count.isdigit():
+            return int(count)
+    return None

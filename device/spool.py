@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +37,7 @@ class SpoolWatcher:
         self._max = max_file_bytes
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._beat = time.monotonic()
         #: called after each file, with no arguments (the service uses it as a progress heartbeat)
         self.on_progress: Callable[[], None] = lambda: None
 
@@ -64,12 +66,18 @@ class SpoolWatcher:
         for path in self.pending():
             if self._stop.is_set():
                 break
+            self._beat = time.monotonic()
             self._process(path)
             n += 1
         return n
 
+    def alive(self, within_s: float) -> bool:
+        """Did the scan loop turn within the last ``within_s`` seconds?"""
+        return time.monotonic() - self._beat < within_s
+
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._beat = time.monotonic()
             try:
                 if self.process_once() == 0:
                     self._stop.wait(self._interval)

@@ -71,6 +71,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     size         INTEGER NOT NULL DEFAULT 0,
     props        TEXT NOT NULL,
     attempts     INTEGER NOT NULL DEFAULT 0,
+    applied      INTEGER NOT NULL DEFAULT 0,
     last_error   TEXT
 );
 CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state, seq);
@@ -119,8 +120,11 @@ class Store:
         self._pub_seq = itertools.count(1)
 
     # ------------------------------------------------------------ lifecycle
-    def open(self) -> int:
-        """Open (creating if needed); returns how many in-flight samples were re-queued."""
+    def open(self, *, requeue: bool = True) -> int:
+        """Open (creating if needed); returns how many in-flight samples were re-queued.
+
+        ``requeue=False`` is for inspecting the database of a running service.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
@@ -136,6 +140,8 @@ class Store:
         (max_seq,) = db.execute("SELECT COALESCE(MAX(pub_seq), 0) FROM results").fetchone()
         self._pub_seq = itertools.count(max_seq + 1)
         self._held_bytes = self._payload_bytes(db)
+        if not requeue:
+            return 0
         with self._tx():
             n = db.execute("UPDATE outbox SET state='queued', updated_at=? WHERE state='inflight'",
                            (time.time(),)).rowcount
@@ -295,8 +301,9 @@ class Store:
                 return ApplyOutcome(None, "unknown")
             if row[0] not in _OPEN_STATES:
                 return ApplyOutcome(None, "duplicate" if row[0] == "corrected" else "late")
-            db.execute("UPDATE outbox SET state='corrected', payload=NULL, updated_at=? WHERE sample_id=?",
-                       (now, c.sample_id))
+            # ``applied`` counts applications; the state check above keeps it at most 1 (fault tests audit it).
+            db.execute("UPDATE outbox SET state='corrected', payload=NULL, updated_at=?, applied=applied+1 "
+                       "WHERE sample_id=?", (now, c.sample_id))
             db.execute("UPDATE results SET label=?, label_name=?, confidence=?, origin='cloud', state='final', "
                        "corrected_at=?, cloud_model=?, pub_seq=? WHERE sample_id=?",
                        (c.label, c.label_name, c.confidence, now, c.model_id, next(self._pub_seq), c.sample_id))
@@ -338,6 +345,15 @@ class Store:
         with self._tx() as db:
             row = db.execute("SELECT state, last_error FROM outbox WHERE sample_id=?", (sample_id,)).fetchone()
         return (row[0], row[1]) if row else None
+
+    def audit(self) -> dict[str, int]:
+        """Figures for fault tests and operators: samples, corrections applied more than once."""
+        with self._tx() as db:
+            (results,) = db.execute("SELECT COUNT(*) FROM results").fetchone()
+            (offloaded,) = db.execute("SELECT COUNT(*) FROM results WHERE offloaded=1").fetchone()
+            (twice,) = db.execute("SELECT COUNT(*) FROM outbox WHERE applied > 1").fetchone()
+            (cloud,) = db.execute("SELECT COUNT(*) FROM results WHERE origin='cloud'").fetchone()
+        return {"results": results, "offloaded": offloaded, "corrected_results": cloud, "applied_twice": twice}
 
     def unpublished_count(self) -> int:
         with self._tx() as db:
