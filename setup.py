@@ -31,7 +31,7 @@ setup(
         "tflite-runtime": ["tflite-runtime>=2.14,<2.15", "numpy<2"],
         "cloud": ["onnxruntime>=1.16"],
         "systemd": ["systemd-python>=234"],
-        "dev": ["pytest>=8", "tqdm>=4.60", "ruff>=0.5"],
+        "dev": ["pytest>=8", "ruff>=0.5", "systemd-python>=234"],
     },
     entry_points={
         "console_scripts": [
