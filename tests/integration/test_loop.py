@@ -109,6 +109,7 @@ def test_device_starts_offline_and_drains_when_the_broker_appears(tmp_path, fmni
     svc.start()
     try:
         results = [svc.classify(im) for im in fmnist["test"].images[:20]]
+        svc.flush()
         assert all(r.offloaded and r.state == "provisional" for r in results)
         assert svc.store.outbox_counts()["queued"] == 20
         with LocalBroker(tmp_path / "late-broker", port=port) as late:

@@ -93,3 +93,18 @@ def test_bad_cards(tmp_path, over, needle):
 def test_missing_card_says_what_to_do(tmp_path):
     with pytest.raises(ModelCardError, match="not found"):
         load_card(tmp_path / "nope.json")
+
+
+def test_raw_sample_encoding_round_trips_gray_and_rgb():
+    from edge_infer.preprocess import encode_sample
+    rng = np.random.default_rng(3)
+    gray = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    for px, ctype in ((gray, "image/x-portable-graymap"), (rgb, "image/x-portable-pixmap")):
+        payload, got = encode_sample(px)
+        assert got == ctype
+        dec = decode_image(payload, expected_type=ctype)
+        assert dec.content_type == ctype and np.array_equal(dec.pixels, px)
+    big = rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    payload, ctype = encode_sample(big)
+    assert ctype == "image/png" and np.array_equal(decode_image(payload).pixels, big)
