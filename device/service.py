@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
+import os
+from collections import deque
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,15 +28,16 @@ from .mqtt_link import Connected, Disconnected, MqttLink, Published, Received
 from .policy import ThresholdPolicy
 from .preprocess import CONTENT_TYPES, ImageError, Preprocessor, decode_image, encode_sample
 from .result import Result
-from .scores import max_softmax, probabilities
+from .scores import top1
 from .spool import SpoolWatcher
 from .stats import Counters
-from .store import OutboxItem, Store
+from .store import Due, OutboxItem, Store
 
 log = logging.getLogger(__name__)
 
 FAILPOINT_ENV = "EDGE_INFER_TEST_FAILPOINT"
 RESULTS_WINDOW = 256          # result publications in flight at once
+FRESH_MAX = 20_000            # results held in memory for publication; beyond, read back from the store
 STATUS_INTERVAL_S = 10.0
 MAINTENANCE_INTERVAL_S = 1.0
 
@@ -75,7 +77,11 @@ class EdgeService:
         self._mids: dict[int, tuple[str, str, int]] = {}
         self._samples_inflight = 0
         self._results_inflight = 0
-        self._results_cursor = 0
+        # results due for publication: fresh ones in memory; a backlog (from a previous
+        # run, or an overflow while offline) is read back from the store by sequence
+        self._fresh: deque[Due] = deque()
+        self._backlog_hi: int | None = None
+        self._backlog_cursor = 0
 
     # ------------------------------------------------------------ lifecycle
     def start(self, *, connect: bool = True) -> None:
@@ -87,6 +93,7 @@ class EdgeService:
         self.backend.invoke(self.pre.batch(np.zeros((1, self.card.input.height, self.card.input.width), np.uint8)))
         requeued = self.store.open()
         self.counters.inc("requeued_at_start", requeued)
+        self._backlog_hi, self._backlog_cursor = self.store.last_seq, 0
         self._started_at = time.time()
         self._writer_stop = False
         self._writer = threading.Thread(target=self._run_writer, name="store-writer", daemon=True)
@@ -164,10 +171,11 @@ class EdgeService:
                 self._maybe_hang()
             raw = self.backend.invoke(tensor)
             self._invoke_started = 0.0
-        pred = max_softmax(probabilities(raw, self.card.output))
+        pred = top1(raw, self.card.output)
         decision = self.policy.decide(pred.confidence)
         now = time.time()
-        sample_id = uuid.uuid4().hex
+        # Time-ordered and unique: sortable by creation, appends at the end of the store's index.
+        sample_id = f"{time.time_ns():x}{os.urandom(4).hex()}"
         item = None
         offload_error = None
         if decision.offload:
@@ -233,7 +241,7 @@ class EdgeService:
                 if not batch and self._writer_stop:
                     return
             try:
-                _, evicted = self.store.record_many(batch)
+                outcome = self.store.record_many(batch)
             except Exception:
                 # The disk is full or the database is broken: answers keep coming (they were returned
                 # already), the error is loud, and the batch is retried rather than dropped.
@@ -242,9 +250,11 @@ class EdgeService:
                     self._write_q[:0] = batch
                 time.sleep(1.0)
                 continue
-            if evicted:
-                self.counters.inc("evicted", len(evicted))
-                self._log_evictions(len(evicted))
+            self._fresh.extend(Due(seq, r) for seq, (r, _) in zip(outcome.seqs, batch))
+            if outcome.evicted:
+                self._fresh.extend(outcome.evicted)
+                self.counters.inc("evicted", len(outcome.evicted))
+                self._log_evictions(len(outcome.evicted))
             with self._write_cv:
                 self._committed += len(batch)
                 self._write_cv.notify_all()
@@ -399,21 +409,41 @@ class EdgeService:
     def _sample_refused(self, sample_id: str, reason: str) -> None:
         self.counters.inc("samples_refused")
         log.error("broker refused sample %s: %s; it will not be retried, the local answer stands", sample_id, reason)
-        self.store.mark_failed(sample_id, f"refused by broker: {reason}")
+        due = self.store.mark_failed(sample_id, f"refused by broker: {reason}")
+        if due is not None:
+            self._fresh.append(due)
 
     def _send_results(self) -> None:
-        assert self.link is not None
         free = RESULTS_WINDOW - self._results_inflight
+        if len(self._fresh) > FRESH_MAX:
+            # Offline for long: stop holding results in memory, the store has them all.
+            # Clear first, then take the bound, so nothing falls between the two.
+            self._fresh.clear()
+            self._backlog_hi = self.store.last_seq
         if free <= 0:
             return
-        for seq, r in self.store.unpublished_results(self._results_cursor, free):
-            rc, mid = self.link.publish(self.topics.results, protocol.encode_result(r, self.cfg.device_id))
-            self._results_cursor = max(self._results_cursor, seq)
-            if rc not in (0, 4):  # 4 = NO_CONN: paho queued it and sends it on reconnect
-                log.warning("publishing result %s failed locally (rc %d); will retry at the next start", r.sample_id, rc)
-                continue
-            self._mids[mid] = ("result", r.sample_id, seq)
-            self._results_inflight += 1
+        if self._backlog_hi is not None:
+            dues = self.store.unpublished_results(self._backlog_cursor, free, upto_seq=self._backlog_hi)
+            for due in dues:
+                self._publish_result(due)
+                self._backlog_cursor = due.seq
+            if len(dues) < free:
+                self._backlog_hi = None
+            return
+        while free > 0 and self._fresh:
+            self._publish_result(self._fresh.popleft())
+            free -= 1
+
+    def _publish_result(self, due: Due) -> None:
+        assert self.link is not None
+        r = due.result
+        rc, mid = self.link.publish(self.topics.results, protocol.encode_result(r, self.cfg.device_id))
+        if rc not in (0, 4):  # 4 = NO_CONN: paho queued it and sends it on reconnect
+            log.warning("publishing result %s failed locally (rc %d); it is published at the next start",
+                        r.sample_id, rc)
+            return
+        self._mids[mid] = ("result", r.sample_id, due.seq)
+        self._results_inflight += 1
 
     def _send_samples(self) -> None:
         assert self.link is not None
@@ -466,6 +496,8 @@ class EdgeService:
                 if outcome.result is not None and outcome.result.label != outcome.result.edge_label:
                     self.counters.inc("corrections_changed_label")
         if outcome.reason == "applied":
+            if outcome.due is not None:
+                self._fresh.append(outcome.due)
             waiter = self._waiters.get(reply.sample_id)
             if waiter is not None:
                 waiter.set()
@@ -480,6 +512,7 @@ class EdgeService:
             log.warning("%d delivered sample(s) got no reply within %.0fs; sending them again", resent,
                         self.cfg.outbox.resend_after_s)
         expired = self.store.expire(self.cfg.outbox.max_age_s)
+        self._fresh.extend(expired)
         if expired:
             self.counters.inc("expired", len(expired))
             log.warning("%d sample(s) expired after %.0fs without a correction; their local answers stand",
@@ -497,7 +530,6 @@ def _test_failpoint_hang_after() -> int | None:
     Read from the environment at construction, never at import; a value that
     does not match this exact form is ignored.
     """
-    import os
     value = os.environ.get(FAILPOINT_ENV, "")
     if value.startswith("hang_invoke_after="):
         count = value.split("=", 1)[1]

@@ -3,7 +3,7 @@ import pytest
 
 from edge_infer.modelcard import OutputSpec, Quantization
 from edge_infer.policy import ThresholdPolicy
-from edge_infer.scores import dequantize, max_softmax, max_softmax_batch, probabilities, softmax
+from edge_infer.scores import dequantize, max_softmax, max_softmax_batch, probabilities, softmax, top1
 
 
 def test_softmax_is_stable_and_normalised():
@@ -41,3 +41,15 @@ def test_threshold_policy():
     assert p.decide(0.79).offload and p.decide(0.79).reason == "below_threshold"
     off = ThresholdPolicy(0.8, enabled=False).decide(0.1)
     assert not off.offload and off.reason == "offload_disabled"
+
+
+@pytest.mark.parametrize("spec", [OutputSpec("logits", "int8", Quantization(0.12, -17)),
+                                  OutputSpec("logits", "float32", None)])
+def test_fast_top1_equals_the_reference_score(spec):
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        raw = (rng.integers(-128, 128, (1, 10)).astype(np.int8) if spec.dtype == "int8"
+               else rng.normal(0, 4, (1, 10)).astype(np.float32))
+        ref = max_softmax(probabilities(raw, spec))
+        fast = top1(raw, spec)
+        assert fast.label == ref.label and fast.confidence == pytest.approx(ref.confidence, rel=1e-5)

@@ -63,14 +63,17 @@ def test_inflight_samples_are_requeued_at_open(tmp_path):
 def test_results_publication_sequence(store):
     store.record(*make("a", offloaded=False))
     store.record(*make("b"))
-    pending = store.unpublished_results(0, 10)
+    pending = [(d.seq, d.result) for d in store.unpublished_results(0, 10)]
     assert [r.sample_id for _, r in pending] == ["a", "b"]
     store.ack_results([(r.sample_id, seq) for seq, r in pending])
     assert store.unpublished_count() == 0
     # a correction makes the result due for publication again, with a newer sequence
-    store.apply_correction(Correction("b", 2, "c", 0.9, "cloud:1", "w"))
-    (seq, r), = store.unpublished_results(0, 10)
+    out = store.apply_correction(Correction("b", 2, "c", 0.9, "cloud:1", "w"))
+    (due,) = store.unpublished_results(0, 10)
+    seq, r = due.seq, due.result
+    assert out.due == due and store.last_seq == seq
     assert r.sample_id == "b" and r.state == "final" and seq > max(s for s, _ in pending)
+    assert store.unpublished_results(0, 10, upto_seq=seq - 1) == []
     # an ack of the older publication does not count for the newer one
     store.ack_results([("b", pending[1][0])])
     assert store.unpublished_count() == 1
@@ -80,7 +83,7 @@ def test_expiry_finalises_local_answer_and_late_correction_is_ignored(store):
     old = time.time() - 100
     store.record(*make("old", created=old))
     store.record(*make("new"))
-    assert store.expire(max_age_s=50) == ["old"]
+    assert [d.result.sample_id for d in store.expire(max_age_s=50)] == ["old"]
     r = store.get_result("old")
     assert r.state == "final" and r.origin == "edge" and r.offload_error == "expired"
     assert store.outbox_state("old")[0] == "expired"
@@ -92,7 +95,7 @@ def test_refused_and_error_replies_make_the_local_answer_final(store):
     store.record(*make("a"))
     store.record(*make("b"))
     store.mark_inflight(["a", "b"])
-    r = store.mark_failed("a", "refused by broker: Not authorized")
+    r = store.mark_failed("a", "refused by broker: Not authorized").result
     assert r.state == "final" and "Not authorized" in r.offload_error
     store.mark_delivered(["b"])
     out = store.apply_error(ErrorReply("b", "bad_image", "cannot decode", "w"))
@@ -106,7 +109,7 @@ def test_prune_never_drops_unpublished_or_provisional(store):
     store.record(*make("p", created=999))
     assert store.prune_results(keep=2) == 0  # nothing published yet
     pending = store.unpublished_results(0, 10)
-    store.ack_results([(r.sample_id, s) for s, r in pending])
+    store.ack_results([(d.result.sample_id, d.seq) for d in pending])
     assert store.prune_results(keep=2) == 4   # 6 rows, the provisional one stays
     assert store.get_result("p") is not None and store.get_result("f4") is not None
 
@@ -131,12 +134,13 @@ def test_byte_budget_evicts_oldest_uncorrected_first(tmp_path):
     s = Store(tmp_path / "db", max_bytes=350)
     s.open()
     for i in range(3):
-        assert s.record(*make(f"s{i}", payload=b"x" * 100))[1] == []
+        assert s.record(*make(f"s{i}", payload=b"x" * 100)).evicted == []
     s.mark_inflight(["s0"])                      # in paho's hands: never evicted
-    _, evicted = s.record(*make("s3", payload=b"x" * 100))
-    assert evicted == ["s1"]                     # the oldest that is not in flight
-    _, evicted = s.record(*make("s4", payload=b"x" * 200))
-    assert evicted == ["s2", "s3"]
+    evicted = s.record(*make("s3", payload=b"x" * 100)).evicted
+    assert [d.result.sample_id for d in evicted] == ["s1"]   # the oldest that is not in flight
+    assert evicted[0].result.state == "final"
+    evicted = s.record(*make("s4", payload=b"x" * 200)).evicted
+    assert [d.result.sample_id for d in evicted] == ["s2", "s3"]
     counts = s.outbox_counts()
     assert counts["evicted"] == 3 and counts["queued"] == 1 and counts["inflight"] == 1
     r = s.get_result("s1")
@@ -145,5 +149,5 @@ def test_byte_budget_evicts_oldest_uncorrected_first(tmp_path):
     s.close()
     s2 = Store(tmp_path / "db", max_bytes=350)   # the budget survives a restart
     s2.open()
-    assert s2.record(*make("s5", payload=b"x" * 100))[1] == ["s0"]   # s0 was re-queued at start
+    assert [d.result.sample_id for d in s2.record(*make("s5", payload=b"x" * 100)).evicted] == ["s0"]  # re-queued
     s2.close()
