@@ -54,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.error("invalid configuration %s: %s", args.config, exc)
         notifier.status(f"invalid configuration: {exc}")
         return 2
-    handler = setup_logging(cfg.log_level)
+    handler = setup_logging(cfg.log_level, fields={"EDGE_INFER_DEVICE": cfg.device_id})
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -6,8 +6,14 @@ import os
 import sys
 
 
-def setup_logging(level: str = "INFO", identifier: str = "edge-infer") -> str:
-    """Configure the root logger; returns which handler was chosen ("journal" or "stderr")."""
+def setup_logging(level: str = "INFO", identifier: str = "edge-infer", fields: dict[str, str] | None = None) -> str:
+    """Configure the root logger; returns which handler was chosen ("journal" or "stderr").
+
+    Under systemd with systemd-python installed, records go to the journal with
+    structured fields (``fields``, e.g. EDGE_INFER_DEVICE, on every record, plus
+    the logger name and code location), so ``journalctl EDGE_INFER_DEVICE=...``
+    filters a fleet's logs. Otherwise plain stderr, which journald captures too.
+    """
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -18,7 +24,7 @@ def setup_logging(level: str = "INFO", identifier: str = "edge-infer") -> str:
         try:
             from systemd.journal import JournalHandler  # systemd-python, the [systemd] extra
 
-            handler = JournalHandler(SYSLOG_IDENTIFIER=identifier)
+            handler = JournalHandler(SYSLOG_IDENTIFIER=identifier, **(fields or {}))
             kind = "journal"
         except ImportError:
             handler = None
