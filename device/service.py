@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 import os
+import queue
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
@@ -36,6 +37,7 @@ from .store import Due, OutboxItem, Store
 log = logging.getLogger(__name__)
 
 FAILPOINT_ENV = "EDGE_INFER_TEST_FAILPOINT"
+WAKE = object()               # put on the link worker's event queue: new work in the store
 RESULTS_WINDOW = 256          # result publications in flight at once
 FRESH_MAX = 20_000            # results held in memory for publication; beyond, read back from the store
 STATUS_INTERVAL_S = 10.0
@@ -68,7 +70,6 @@ class EdgeService:
         self._invoke_started = 0.0
         self._invokes = 0
         self._hang_after = _test_failpoint_hang_after()
-        self._wake = threading.Event()
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
         self._started_at = 0.0
@@ -80,6 +81,10 @@ class EdgeService:
         # results due for publication: fresh ones in memory; a backlog (from a previous
         # run, or an overflow while offline) is read back from the store by sequence
         self._fresh: deque[Due] = deque()
+        # state changes made by one turn of the link worker, committed together
+        self._pending_inflight: list[str] = []
+        self._pending_delivered: list[str] = []
+        self._pending_acked: list[tuple[str, int]] = []
         self._backlog_hi: int | None = None
         self._backlog_cursor = 0
 
@@ -120,7 +125,7 @@ class EdgeService:
             self.spool.stop()
         self._stop_writer()
         self._stopping.set()
-        self._wake.set()
+        self._poke()
         if self._worker is not None:
             self._worker.join(timeout=10)
         if self.link is not None:
@@ -258,7 +263,7 @@ class EdgeService:
             with self._write_cv:
                 self._committed += len(batch)
                 self._write_cv.notify_all()
-            self._wake.set()
+            self._poke()
 
     def _log_evictions(self, n: int) -> None:
         """One warning a minute at most: a full budget while offline would otherwise flood the journal."""
@@ -331,10 +336,13 @@ class EdgeService:
         next_status = next_maintenance = 0.0
         while not self._stopping.is_set():
             try:
-                self._drain_events()
+                # Sleeps until something happens: a PUBACK, a reply, a (dis)connect, or new
+                # results committed by the writer (a Wake); at most 50 ms for the timers.
+                self._drain_events(timeout=0.05)
                 if self.link.connected.is_set():
                     self._send_results()
                     self._send_samples()
+                self._commit_progress()
                 now = time.monotonic()
                 if now >= next_maintenance:
                     self._maintenance()
@@ -345,9 +353,11 @@ class EdgeService:
             except Exception:
                 log.exception("link worker error; continuing")
                 time.sleep(0.5)
-            self._wake.wait(0.05)
-            self._wake.clear()
         self._shutdown_link()
+
+    def _poke(self) -> None:
+        if self.link is not None:
+            self.link.events.put(WAKE)
 
     def _shutdown_link(self) -> None:
         """Publish the offline status (the will covers crashes) and give acks a moment to arrive."""
@@ -362,13 +372,12 @@ class EdgeService:
 
     def _drain_events(self, timeout: float = 0.0) -> None:
         assert self.link is not None
-        delivered: list[str] = []
-        acked: list[tuple[str, int]] = []
+        delivered, acked = self._pending_delivered, self._pending_acked
         first = True
         while True:
             try:
-                ev = self.link.events.get(timeout=timeout if first else 0)
-            except Exception:
+                ev = self.link.events.get(timeout=timeout) if first else self.link.events.get_nowait()
+            except queue.Empty:
                 break
             first = False
             if isinstance(ev, Published):
@@ -399,12 +408,17 @@ class EdgeService:
                 # paho keeps its unacknowledged QoS 1 messages and re-sends them on reconnect,
                 # so the in-flight windows stay as they are.
                 pass
-        if delivered:
-            self.store.mark_delivered(delivered)
-            self.counters.inc("delivered", len(delivered))
-        if acked:
-            self.store.ack_results(acked)
-            self.counters.inc("results_published", len(acked))
+
+    def _commit_progress(self) -> None:
+        """One transaction for what this turn of the loop sent and what the broker acknowledged."""
+        d, a, i = self._pending_delivered, self._pending_acked, self._pending_inflight
+        if not (d or a or i):
+            return
+        self.store.commit_progress(inflight=i, delivered=d, acked_results=a)
+        self.counters.inc("sent", len(i))
+        self.counters.inc("delivered", len(d))
+        self.counters.inc("results_published", len(a))
+        self._pending_delivered, self._pending_acked, self._pending_inflight = [], [], []
 
     def _sample_refused(self, sample_id: str, reason: str) -> None:
         self.counters.inc("samples_refused")
@@ -450,8 +464,9 @@ class EdgeService:
         free = self.cfg.outbox.max_inflight - self._samples_inflight
         if free <= 0:
             return
+        # Rows sent in this turn become 'inflight' in _commit_progress, before the next select.
         items = self.store.queued_samples(free)
-        sent = []
+        sent = self._pending_inflight
         for it in items:
             try:
                 rc, mid = self.link.publish(
@@ -467,9 +482,6 @@ class EdgeService:
             self._mids[mid] = ("sample", it.sample_id, 0)
             self._samples_inflight += 1
             sent.append(it.sample_id)
-        if sent:
-            self.store.mark_inflight(sent)
-            self.counters.inc("sent", len(sent))
 
     def _on_reply(self, ev: Received) -> None:
         if ev.topic != self.topics.corrections:

@@ -176,6 +176,10 @@ class Store:
     def _tx(self):
         return _Transaction(self._lock, self._conn())
 
+    def _read(self):
+        """Reads take the lock but no write transaction (WAL readers see the last commit)."""
+        return _Read(self._lock, self._conn())
+
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
             raise RuntimeError("store is not open")
@@ -260,7 +264,7 @@ class Store:
     def unpublished_results(self, after_seq: int, limit: int, upto_seq: int | None = None) -> list[Due]:
         """Results not yet acknowledged by the broker, oldest publication first."""
         upto = self._last_seq if upto_seq is None else upto_seq
-        with self._tx() as db:
+        with self._read() as db:
             rows = db.execute(
                 f"SELECT pub_seq, {_RESULT_COLS} FROM results WHERE pub_seq > acked_seq AND pub_seq > ? "
                 "AND pub_seq <= ? ORDER BY pub_seq LIMIT ?", (after_seq, upto, limit)).fetchall()
@@ -273,11 +277,23 @@ class Store:
 
     # ------------------------------------------------------------ outbox
     def queued_samples(self, limit: int) -> list[OutboxItem]:
-        with self._tx() as db:
+        with self._read() as db:
             rows = db.execute(
                 "SELECT sample_id, created_at, content_type, payload, props FROM outbox WHERE state='queued' "
                 "ORDER BY seq LIMIT ?", (limit,)).fetchall()
         return [OutboxItem(r[0], r[1], r[2], r[3], tuple(tuple(p) for p in json.loads(r[4]))) for r in rows]
+
+    def commit_progress(self, *, inflight: list[str], delivered: list[str],
+                        acked_results: list[tuple[str, int]]) -> None:
+        """The link worker's state changes of one turn, in one transaction (in this order)."""
+        now = time.time()
+        with self._tx() as db:
+            db.executemany("UPDATE outbox SET state='inflight', attempts=attempts+1, updated_at=? "
+                           "WHERE sample_id=? AND state='queued'", [(now, s) for s in inflight])
+            db.executemany("UPDATE outbox SET state='delivered', updated_at=? WHERE sample_id=? AND state='inflight'",
+                           [(now, s) for s in delivered])
+            db.executemany("UPDATE results SET acked_seq=? WHERE sample_id=? AND acked_seq < ?",
+                           [(seq, sid, seq) for sid, seq in acked_results])
 
     def mark_inflight(self, sample_ids: list[str]) -> None:
         now = time.time()
@@ -369,30 +385,30 @@ class Store:
 
     # ------------------------------------------------------------ queries
     def get_result(self, sample_id: str) -> Result | None:
-        with self._tx() as db:
+        with self._read() as db:
             row = db.execute(f"SELECT {_RESULT_COLS} FROM results WHERE sample_id=?", (sample_id,)).fetchone()
         return _row_to_result(row) if row else None
 
     def all_results(self) -> list[Result]:
-        with self._tx() as db:
+        with self._read() as db:
             rows = db.execute(f"SELECT {_RESULT_COLS} FROM results ORDER BY created_at").fetchall()
         return [_row_to_result(r) for r in rows]
 
     def outbox_counts(self) -> dict[str, int]:
-        with self._tx() as db:
+        with self._read() as db:
             rows = db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall()
         counts = dict.fromkeys(OUTBOX_STATES, 0)
         counts.update(dict(rows))
         return counts
 
     def outbox_state(self, sample_id: str) -> tuple[str, str | None] | None:
-        with self._tx() as db:
+        with self._read() as db:
             row = db.execute("SELECT state, last_error FROM outbox WHERE sample_id=?", (sample_id,)).fetchone()
         return (row[0], row[1]) if row else None
 
     def audit(self) -> dict[str, int]:
         """Figures for fault tests and operators: samples, corrections applied more than once."""
-        with self._tx() as db:
+        with self._read() as db:
             (results,) = db.execute("SELECT COUNT(*) FROM results").fetchone()
             (offloaded,) = db.execute("SELECT COUNT(*) FROM results WHERE offloaded=1").fetchone()
             (twice,) = db.execute("SELECT COUNT(*) FROM outbox WHERE applied > 1").fetchone()
@@ -400,7 +416,7 @@ class Store:
         return {"results": results, "offloaded": offloaded, "corrected_results": cloud, "applied_twice": twice}
 
     def unpublished_count(self) -> int:
-        with self._tx() as db:
+        with self._read() as db:
             (n,) = db.execute("SELECT COUNT(*) FROM results WHERE pub_seq > acked_seq").fetchone()
         return n
 
@@ -436,3 +452,15 @@ class _Transaction:
             self._db.execute("ROLLBACK" if exc_type else "COMMIT")
         finally:
             self._lock.release()
+
+
+class _Read:
+    def __init__(self, lock: threading.Lock, db: sqlite3.Connection) -> None:
+        self._lock, self._db = lock, db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._lock.acquire()
+        return self._db
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._lock.release()
