@@ -255,9 +255,10 @@ class EdgeService:
                     self._write_q[:0] = batch
                 time.sleep(1.0)
                 continue
-            self._fresh.extend(Due(seq, r) for seq, (r, _) in zip(outcome.seqs, batch))
-            if outcome.evicted:
+            if self.link is not None:
+                self._fresh.extend(Due(seq, r) for seq, (r, _) in zip(outcome.seqs, batch))
                 self._fresh.extend(outcome.evicted)
+            if outcome.evicted:
                 self.counters.inc("evicted", len(outcome.evicted))
                 self._log_evictions(len(outcome.evicted))
             with self._write_cv:
@@ -339,6 +340,7 @@ class EdgeService:
                 # Sleeps until something happens: a PUBACK, a reply, a (dis)connect, or new
                 # results committed by the writer (a Wake); at most 50 ms for the timers.
                 self._drain_events(timeout=0.05)
+                self._bound_fresh()
                 if self.link.connected.is_set():
                     self._send_results()
                     self._send_samples()
@@ -427,13 +429,16 @@ class EdgeService:
         if due is not None:
             self._fresh.append(due)
 
-    def _send_results(self) -> None:
-        free = RESULTS_WINDOW - self._results_inflight
+    def _bound_fresh(self) -> None:
         if len(self._fresh) > FRESH_MAX:
             # Offline for long: stop holding results in memory, the store has them all.
             # Clear first, then take the bound, so nothing falls between the two.
             self._fresh.clear()
             self._backlog_hi = self.store.last_seq
+            self._backlog_cursor = 0
+
+    def _send_results(self) -> None:
+        free = RESULTS_WINDOW - self._results_inflight
         if free <= 0:
             return
         if self._backlog_hi is not None:

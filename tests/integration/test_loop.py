@@ -1,6 +1,8 @@
 """The whole loop on real parts: real Mosquitto, real models, real runtimes."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -120,5 +122,31 @@ def test_device_starts_offline_and_drains_when_the_broker_appears(tmp_path, fmni
                 assert all(svc.result(r.sample_id).origin == "cloud" for r in results)
             finally:
                 w.stop()
+    finally:
+        svc.stop()
+
+
+def test_results_produced_offline_are_published_after_reconnect_with_bounded_memory(tmp_path, fmnist, monkeypatch):
+    import edge_infer.service as service_mod
+    from edge_infer.localbroker import LocalBroker, free_port
+
+    from ..conftest import Recorder
+    monkeypatch.setattr(service_mod, "FRESH_MAX", 50)     # force the overflow path: read back from the store
+    port = free_port()
+    svc = EdgeService(device_config(tmp_path, port, threshold=0.0))   # nothing offloaded: results only
+    svc.start()
+    try:
+        ids = [svc.classify(im).sample_id for im in fmnist["test"].images[:400]]
+        svc.flush()
+        time.sleep(0.2)
+        assert len(svc._fresh) <= 50 + 64       # bounded while offline (at most one writer batch over)
+        with LocalBroker(tmp_path / "late", port=port) as b:
+            rec = Recorder(b.port, svc.topics.results)
+            try:
+                wait_for(lambda: {m["sample_id"] for m in rec.json(svc.topics.results)} >= set(ids), timeout=60,
+                         what="all offline results published")
+                wait_for(lambda: svc.store.unpublished_count() == 0, what="all acknowledged")
+            finally:
+                rec.close()
     finally:
         svc.stop()
