@@ -66,9 +66,25 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class PolicyConfig:
-    threshold: float = option(0.9, help="offload when the confidence is below this", check=in_range(0.0, 1.0))
-    score: str = option("max_softmax", help="confidence score", check=one_of("max_softmax"))
+    threshold: float = option(0.9, help="offload when the confidence score is below this (pick it with "
+                                        "`edge-infer calibrate`)", check=in_range(0.0, 1.0))
+    score: str = option("max_softmax", help="confidence score: max_softmax, temperature, margin, entropy or router",
+                        check=one_of("max_softmax", "temperature", "margin", "entropy", "router"))
+    temperature: float = option(1.0, help="softmax temperature for score = \"temperature\" (fitted by calibrate)",
+                                check=positive)
+    router_file: Path | None = option(None, help="router JSON written by calibrate, for score = \"router\"")
     offload: bool = option(True, help="false keeps every result local (no samples are sent)")
+    audit_rate: float = option(0.0, help="share of confident inputs offloaded anyway, to measure the edge model's "
+                                         "real accuracy and notice drift (e.g. 0.01)", check=in_range(0.0, 1.0))
+    max_samples_per_minute: int = option(0, help="offload budget: at most this many samples a minute "
+                                                 "(0 = no limit); beyond it the local answer stands (counted)",
+                                         check=non_negative)
+    max_bytes_per_hour: int = option(0, help="offload budget: at most this many payload bytes an hour (0 = no limit)",
+                                     check=non_negative)
+
+    def __post_init__(self) -> None:
+        if self.score == "router" and self.router_file is None:
+            raise ConfigError("policy.score = \"router\" needs policy.router_file (written by `edge-infer calibrate`)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,6 +152,7 @@ def _resolve_paths(cfg: DeviceConfig, base: Path) -> DeviceConfig:
         cfg,
         state_dir=rel(cfg.state_dir),
         model=replace(cfg.model, card=rel(cfg.model.card)),
+        policy=replace(cfg.policy, router_file=rel(cfg.policy.router_file)),
         spool=replace(cfg.spool, dir=rel(cfg.spool.dir)),
     )
 

@@ -1,23 +1,68 @@
-"""The offload decision. Pure: a confidence in, a frozen decision out."""
+"""The offload decision. Pure: inputs and state in, frozen decision and new state out.
+
+Three parts, applied in order:
+
+1. the threshold on the configured confidence score (below it: offload);
+2. an audit rate: a small random share of *confident* inputs is offloaded
+   too, so the fleet measures the edge model's real accuracy on the inputs it
+   keeps and notices drift;
+3. an offload budget (samples per minute, bytes per hour) as token buckets:
+   beyond it the local result stands and the skip is counted.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
 class Decision:
     offload: bool
-    reason: str   # "confident", "below_threshold", "offload_disabled"
+    #: "confident", "below_threshold", "audit", "offload_disabled", "budget_samples", "budget_bytes"
+    reason: str
 
 
 @dataclass(frozen=True)
-class ThresholdPolicy:
+class BudgetState:
+    samples: float        # tokens left in the samples-per-minute bucket
+    bytes: float          # tokens left in the bytes-per-hour bucket
+    at: float             # when they were last refilled (monotonic seconds)
+
+
+@dataclass(frozen=True)
+class OffloadPolicy:
     threshold: float
     enabled: bool = True
+    audit_rate: float = 0.0
+    #: 0 = no limit
+    max_samples_per_minute: int = 0
+    max_bytes_per_hour: int = 0
 
-    def decide(self, confidence: float) -> Decision:
-        if confidence >= self.threshold:
-            return Decision(False, "confident")
+    def initial_budget(self, now: float) -> BudgetState:
+        return BudgetState(float(self.max_samples_per_minute), float(self.max_bytes_per_hour), now)
+
+    def wants(self, confidence: float, u: float) -> Decision:
+        """Step 1 and 2. ``u`` is a uniform random number in [0, 1) (the audit draw)."""
         if not self.enabled:
             return Decision(False, "offload_disabled")
-        return Decision(True, "below_threshold")
+        if confidence < self.threshold:
+            return Decision(True, "below_threshold")
+        if u < self.audit_rate:
+            return Decision(True, "audit")
+        return Decision(False, "confident")
+
+    def admit(self, state: BudgetState, now: float, nbytes: int) -> tuple[bool, str, BudgetState]:
+        """Step 3: take one sample of ``nbytes`` from the budget, if it has room."""
+        elapsed = max(0.0, now - state.at)
+        samples, byts = state.samples, state.bytes
+        if self.max_samples_per_minute:
+            samples = min(float(self.max_samples_per_minute), samples + elapsed * self.max_samples_per_minute / 60.0)
+        if self.max_bytes_per_hour:
+            byts = min(float(self.max_bytes_per_hour), byts + elapsed * self.max_bytes_per_hour / 3600.0)
+        refilled = replace(state, samples=samples, bytes=byts, at=now)
+        if self.max_samples_per_minute and samples < 1.0:
+            return False, "budget_samples", refilled
+        if self.max_bytes_per_hour and byts < nbytes:
+            return False, "budget_bytes", refilled
+        return True, "", replace(refilled, samples=samples - 1.0 if self.max_samples_per_minute else samples,
+                                 bytes=byts - nbytes if self.max_bytes_per_hour else byts)
+

@@ -88,6 +88,7 @@ class SampleMeta:
     edge_label: int
     edge_confidence: float
     created_at: float
+    reason: str = "below_threshold"   # or "audit": a confident input sent to measure the edge model
 
 
 def sample_properties(meta: SampleMeta) -> list[tuple[str, str]]:
@@ -99,6 +100,7 @@ def sample_properties(meta: SampleMeta) -> list[tuple[str, str]]:
         ("edge_label", str(meta.edge_label)),
         ("edge_confidence", f"{meta.edge_confidence:.6f}"),
         ("created_at", f"{meta.created_at:.6f}"),
+        ("reason", meta.reason),
     ]
 
 
@@ -242,7 +244,7 @@ def encode_result(r: Result, device_id: str) -> bytes:
     return json.dumps({
         "v": VERSION, "device": device_id, "sample_id": r.sample_id, "source": r.source,
         "label": r.label, "label_name": r.label_name, "confidence": round(r.confidence, 6),
-        "origin": r.origin, "state": r.state, "offloaded": r.offloaded,
+        "origin": r.origin, "state": r.state, "offloaded": r.offloaded, "offload_reason": r.offload_reason,
         "edge": {"label": r.edge_label, "confidence": round(r.edge_confidence, 6), "model": r.model_id},
         "cloud_model": r.cloud_model_id, "created_at": round(r.created_at, 6),
         "corrected_at": None if r.corrected_at is None else round(r.corrected_at, 6),

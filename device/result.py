@@ -24,6 +24,8 @@ class Result:
     cloud_model_id: str | None = None
     #: set when the outbox could not take the sample (budget, payload too large)
     offload_error: str | None = None
+    #: why it was offloaded ("below_threshold" or "audit"), or why not although unsure ("budget_samples", ...)
+    offload_reason: str | None = None
 
     @property
     def final(self) -> bool:

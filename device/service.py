@@ -13,6 +13,7 @@ import threading
 import time
 import os
 import queue
+import random
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
@@ -26,10 +27,11 @@ from .backends import BackendOptions, create_backend
 from .config import DeviceConfig
 from .modelcard import load_card, verified_model_bytes
 from .mqtt_link import Connected, Disconnected, MqttLink, Published, Received
-from .policy import ThresholdPolicy
+from .policy import OffloadPolicy
 from .preprocess import CONTENT_TYPES, ImageError, Preprocessor, decode_image, encode_sample
 from .result import Result
-from .scores import top1
+from .confidence import ScoreParams, as_score_logits, load_router, make_scorer
+from .scores import Prediction, dequantize, top1
 from .spool import SpoolWatcher
 from .stats import Counters
 from .store import Due, OutboxItem, Store
@@ -50,9 +52,19 @@ class EdgeService:
         self.topics = protocol.Topics(cfg.mqtt.topic_prefix, cfg.device_id)
         self.counters = Counters()
         self.store = Store(Path(cfg.state_dir) / "edge-infer.db", max_bytes=cfg.outbox.max_bytes)
-        self.policy = ThresholdPolicy(cfg.policy.threshold, cfg.policy.offload)
+        pc = cfg.policy
+        self.policy = OffloadPolicy(pc.threshold, pc.offload, pc.audit_rate, pc.max_samples_per_minute,
+                                    pc.max_bytes_per_hour)
+        self._budget = self.policy.initial_budget(time.monotonic())
+        self._budget_lock = threading.Lock()
+        self._rng = random.Random()
         self.card = load_card(cfg.model.card)
         self.pre = Preprocessor(self.card.input)
+        # max_softmax has a fast path (top1); the other scores go through the shared scorer.
+        self._scorer = None
+        if pc.score != "max_softmax":
+            router = load_router(pc.router_file) if pc.score == "router" else None
+            self._scorer = make_scorer(pc.score, ScoreParams(temperature=pc.temperature, router=router))
         self.backend: Any = None
         self.link: MqttLink | None = None
         self.spool: SpoolWatcher | None = None
@@ -176,8 +188,13 @@ class EdgeService:
                 self._maybe_hang()
             raw = self.backend.invoke(tensor)
             self._invoke_started = 0.0
-        pred = top1(raw, self.card.output)
-        decision = self.policy.decide(pred.confidence)
+        if self._scorer is None:
+            pred = top1(raw, self.card.output)
+        else:
+            values = as_score_logits(dequantize(raw, self.card.output), self.card.output.kind).reshape(1, -1)
+            pred = Prediction(int(values.argmax()), float(self._scorer(values)[0]))
+        decision = self.policy.wants(pred.confidence, self._rng.random())
+        reason = decision.reason if decision.offload else None
         now = time.time()
         # Time-ordered and unique: sortable by creation, appends at the end of the store's index.
         sample_id = f"{time.time_ns():x}{os.urandom(4).hex()}"
@@ -192,15 +209,23 @@ class EdgeService:
                 offload_error = f"payload of {len(payload)} bytes exceeds outbox.max_payload_bytes"
                 self.counters.inc("offload_skipped_too_large")
             else:
-                meta = protocol.SampleMeta(sample_id, self.cfg.device_id, self.card.model_id, pred.label,
-                                           pred.confidence, now)
-                item = OutboxItem(sample_id, now, ctype, payload, tuple(protocol.sample_properties(meta)))
+                with self._budget_lock:
+                    admitted, why, self._budget = self.policy.admit(self._budget, time.monotonic(), len(payload))
+                if not admitted:
+                    # Over budget: the local answer stands. Counted, not logged per input.
+                    reason = why
+                    self.counters.inc(f"offload_skipped_{why}")
+                else:
+                    meta = protocol.SampleMeta(sample_id, self.cfg.device_id, self.card.model_id, pred.label,
+                                               pred.confidence, now, decision.reason)
+                    item = OutboxItem(sample_id, now, ctype, payload, tuple(protocol.sample_properties(meta)))
         offloaded = item is not None
         result = Result(
             sample_id=sample_id, label=pred.label, label_name=self.card.labels[pred.label],
             confidence=pred.confidence, origin="edge", state="provisional" if offloaded else "final",
             offloaded=offloaded, edge_label=pred.label, edge_confidence=pred.confidence,
-            model_id=self.card.model_id, created_at=now, source=source, offload_error=offload_error)
+            model_id=self.card.model_id, created_at=now, source=source, offload_error=offload_error,
+            offload_reason=reason)
         waiter = None
         if offloaded and wait_for_cloud > 0:
             waiter = self._waiters[sample_id] = threading.Event()   # before the sample can be sent
@@ -213,6 +238,8 @@ class EdgeService:
         self.counters.inc("classified")
         if offloaded:
             self.counters.inc("offloaded")
+            if decision.reason == "audit":
+                self.counters.inc("offloaded_audit")
         self._last_progress = time.monotonic()
         if waiter is not None:
             try:
@@ -327,6 +354,11 @@ class EdgeService:
             "outbox": self.store.outbox_counts(),
             "results_unpublished": self.store.unpublished_count(),
             "offload_rate": round(counts.get("offloaded", 0) / classified, 4) if classified else 0.0,
+            "score": self.cfg.policy.score,
+            # from corrections: how often the cloud agreed with the edge answer
+            "agreement": _share(counts.get("corrections_agreed", 0), counts.get("corrected", 0)),
+            # on audited (confident) inputs only: the edge model's observed accuracy proxy
+            "audit_agreement": _share(counts.get("audit_agreed", 0), counts.get("audit_corrected", 0)),
             "counters": counts,
             "started_at": self._started_at,
         }
@@ -510,8 +542,14 @@ class EdgeService:
             outcome = self.store.apply_correction(reply)
             if outcome.reason == "applied":
                 self.counters.inc("corrected")
-                if outcome.result is not None and outcome.result.label != outcome.result.edge_label:
-                    self.counters.inc("corrections_changed_label")
+                r = outcome.result
+                if r is not None:
+                    agreed = r.label == r.edge_label
+                    self.counters.inc("corrections_agreed" if agreed else "corrections_changed_label")
+                    if r.offload_reason == "audit":
+                        self.counters.inc("audit_corrected")
+                        if agreed:
+                            self.counters.inc("audit_agreed")
         if outcome.reason == "applied":
             if outcome.due is not None:
                 self._fresh.append(outcome.due)
@@ -553,3 +591,7 @@ def _test_failpoint_hang_after() -> int | None:
         if count.isdigit():
             return int(count)
     return None
+
+
+def _share(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None

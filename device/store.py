@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS results (
     corrected_at  REAL,
     cloud_model   TEXT,
     offload_error TEXT,
+    offload_reason TEXT,
     pub_seq       INTEGER NOT NULL,
     acked_seq     INTEGER NOT NULL DEFAULT 0
 );
@@ -78,7 +79,7 @@ PRAGMA user_version = 1;
 """
 
 _RESULT_COLS = ("sample_id, created_at, source, model, edge_label, edge_conf, label, label_name, confidence, "
-                "origin, state, offloaded, corrected_at, cloud_model, offload_error")
+                "origin, state, offloaded, corrected_at, cloud_model, offload_error, offload_reason")
 
 
 @dataclass(frozen=True)
@@ -117,11 +118,11 @@ class RecordOutcome:
 
 def _row_to_result(row: tuple) -> Result:
     (sample_id, created_at, source, model, edge_label, edge_conf, label, label_name, confidence,
-     origin, state, offloaded, corrected_at, cloud_model, offload_error) = row
+     origin, state, offloaded, corrected_at, cloud_model, offload_error, offload_reason) = row
     return Result(sample_id=sample_id, label=label, label_name=label_name, confidence=confidence, origin=origin,
                   state=state, offloaded=bool(offloaded), edge_label=edge_label, edge_confidence=edge_conf,
                   model_id=model, created_at=created_at, source=source, corrected_at=corrected_at,
-                  cloud_model_id=cloud_model, offload_error=offload_error)
+                  cloud_model_id=cloud_model, offload_error=offload_error, offload_reason=offload_reason)
 
 
 class Store:
@@ -208,12 +209,12 @@ class Store:
             rows.append((result.sample_id, result.created_at, result.source, result.model_id, result.edge_label,
                          result.edge_confidence, result.label, result.label_name, result.confidence, result.origin,
                          result.state, int(result.offloaded), result.corrected_at, result.cloud_model_id,
-                         result.offload_error, seq))
+                         result.offload_error, result.offload_reason, seq))
             if item is not None:
                 samples.append((item.sample_id, item.created_at, item.created_at, "queued", item.content_type,
                                 item.payload, len(item.payload), json.dumps(item.props)))
         with self._tx() as db:
-            db.executemany(f"INSERT INTO results ({_RESULT_COLS}, pub_seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            db.executemany(f"INSERT INTO results ({_RESULT_COLS}, pub_seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                            rows)
             if samples:
                 db.executemany(

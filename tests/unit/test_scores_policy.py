@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from edge_infer.modelcard import OutputSpec, Quantization
-from edge_infer.policy import ThresholdPolicy
+from edge_infer.policy import Decision, OffloadPolicy
 from edge_infer.scores import dequantize, max_softmax, max_softmax_batch, probabilities, softmax, top1
 
 
@@ -35,12 +35,57 @@ def test_batch_scores_match_single():
         assert single.label == labels[i] and single.confidence == pytest.approx(conf[i])
 
 
-def test_threshold_policy():
-    p = ThresholdPolicy(0.8)
-    assert not p.decide(0.8).offload and p.decide(0.8).reason == "confident"
-    assert p.decide(0.79).offload and p.decide(0.79).reason == "below_threshold"
-    off = ThresholdPolicy(0.8, enabled=False).decide(0.1)
-    assert not off.offload and off.reason == "offload_disabled"
+def test_threshold_and_audit():
+    p = OffloadPolicy(0.8)
+    assert p.wants(0.8, u=0.0) .reason == "confident" and not p.wants(0.8, 0.0).offload
+    assert p.wants(0.79, 0.9).offload and p.wants(0.79, 0.9).reason == "below_threshold"
+    assert OffloadPolicy(0.8, enabled=False).wants(0.1, 0.0) == Decision(False, "offload_disabled")
+    audited = OffloadPolicy(0.8, audit_rate=0.05)
+    assert audited.wants(0.99, u=0.01) == Decision(True, "audit")
+    assert audited.wants(0.99, u=0.05) == Decision(False, "confident")
+
+
+def test_audit_share_follows_the_rate():
+    import random
+    rng = random.Random(1)
+    p = OffloadPolicy(0.5, audit_rate=0.02)
+    share = sum(p.wants(0.9, rng.random()).offload for _ in range(50_000)) / 50_000
+    assert share == pytest.approx(0.02, abs=0.003)
+
+
+def test_sample_budget_is_a_token_bucket():
+    p = OffloadPolicy(0.5, max_samples_per_minute=3)
+    st = p.initial_budget(now=0.0)
+    outcomes = []
+    for _ in range(5):
+        ok, why, st = p.admit(st, now=0.0, nbytes=100)
+        outcomes.append((ok, why))
+    assert outcomes == [(True, "")] * 3 + [(False, "budget_samples")] * 2
+    ok, _, st = p.admit(st, now=19.0, nbytes=100)      # 19 s refill 0.95 of a sample: not yet
+    assert not ok
+    ok, _, st = p.admit(st, now=21.0, nbytes=100)      # 21 s: one sample back
+    assert ok
+    ok, _, st = p.admit(st, now=1000.0, nbytes=100)    # capped at capacity, not 1000/20
+    assert ok and st.samples == pytest.approx(2.0)
+
+
+def test_byte_budget():
+    p = OffloadPolicy(0.5, max_bytes_per_hour=3600)    # 1 byte per second
+    st = p.initial_budget(0.0)
+    ok, _, st = p.admit(st, 0.0, 3000)
+    assert ok and st.bytes == pytest.approx(600)
+    ok, why, st = p.admit(st, 0.0, 1000)
+    assert not ok and why == "budget_bytes"
+    ok, _, st = p.admit(st, 400.0, 1000)
+    assert ok
+
+
+def test_no_budget_means_no_limit():
+    p = OffloadPolicy(0.5)
+    st = p.initial_budget(0.0)
+    for _ in range(1000):
+        ok, _, st = p.admit(st, 0.0, 10**6)
+        assert ok
 
 
 @pytest.mark.parametrize("spec", [OutputSpec("logits", "int8", Quantization(0.12, -17)),
