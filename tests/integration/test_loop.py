@@ -150,3 +150,16 @@ def test_results_produced_offline_are_published_after_reconnect_with_bounded_mem
                 rec.close()
     finally:
         svc.stop()
+
+
+def test_wait_for_cloud_returns_the_correction_when_it_arrives_in_time(service, worker, fmnist):
+    images = fmnist["test"].images[:200]
+    # pick inputs the edge model is unsure about
+    unsure = [im for im in images if service.classify(im).offloaded][:5]
+    assert unsure
+    for im in unsure:
+        r = service.classify(im, wait_for_cloud=10.0)
+        assert r.offloaded and r.state == "final" and r.origin == "cloud"
+    # a deadline too short for a round trip gives the local answer at once
+    r = service.classify(unsure[0], wait_for_cloud=1e-6)
+    assert r.state == "provisional" and r.origin == "edge"
