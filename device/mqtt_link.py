@@ -65,6 +65,7 @@ class MqttLink:
         self.connected = threading.Event()
         self._subscriptions = subscriptions
         self._clean_start = clean_start
+        self._stopping = False
         self._receive_maximum = receive_maximum
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                    protocol=mqtt.MQTTv5, manual_ack=manual_ack)
@@ -100,6 +101,7 @@ class MqttLink:
         self._client.loop_start()
 
     def stop(self) -> None:
+        self._stopping = True
         try:
             self._client.disconnect()
         finally:
@@ -145,7 +147,8 @@ class MqttLink:
         was = self.connected.is_set()
         self.connected.clear()
         if was:
-            log.warning("disconnected from %s:%d: %s", self.cfg.host, self.cfg.port, reason_code)
+            level = logging.INFO if self._stopping else logging.WARNING
+            log.log(level, "disconnected from %s:%d: %s", self.cfg.host, self.cfg.port, reason_code)
         self.events.put(Disconnected(str(reason_code)))
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:

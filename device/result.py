@@ -26,6 +26,9 @@ class Result:
     offload_error: str | None = None
     #: why it was offloaded ("below_threshold" or "audit"), or why not although unsure ("budget_samples", ...)
     offload_reason: str | None = None
+    #: identifies the input at its source (the spool: name, size, mtime), so that an
+    #: input classified just before a crash is not classified again after it
+    source_key: str = ""
 
     @property
     def final(self) -> bool:

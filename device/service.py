@@ -124,6 +124,7 @@ class EdgeService:
             self.link.start()
         if self.cfg.spool.dir is not None:
             self.spool = SpoolWatcher(self.cfg.spool.dir, self.classify_bytes, self.counters, flush=self.flush,
+                                      seen=self.store.has_source_key,
                                       poll_interval_s=self.cfg.spool.poll_interval_s,
                                       max_file_bytes=self.cfg.spool.max_file_bytes)
             self.spool.start()
@@ -174,12 +175,13 @@ class EdgeService:
             raise ImageError(f"classify() takes a uint8 array, a PIL image or encoded bytes, not {type(image).__name__}")
         return self._classify(image, source, None, wait_for_cloud)
 
-    def classify_bytes(self, data: bytes, source: str = "", *, wait_for_cloud: float = 0.0) -> Result:
+    def classify_bytes(self, data: bytes, source: str = "", *, wait_for_cloud: float = 0.0,
+                       source_key: str = "") -> Result:
         decoded = decode_image(data, max_bytes=max(self.cfg.spool.max_file_bytes, self.cfg.outbox.max_payload_bytes))
-        return self._classify(decoded.pixels, source, (data, decoded.content_type), wait_for_cloud)
+        return self._classify(decoded.pixels, source, (data, decoded.content_type), wait_for_cloud, source_key)
 
     def _classify(self, pixels: np.ndarray, source: str, encoded: tuple[bytes, str] | None,
-                  wait_for_cloud: float = 0.0) -> Result:
+                  wait_for_cloud: float = 0.0, source_key: str = "") -> Result:
         fitted = self.pre.fit(pixels)
         tensor = self.pre.batch(fitted[None])
         with self._infer_lock:
@@ -225,7 +227,7 @@ class EdgeService:
             confidence=pred.confidence, origin="edge", state="provisional" if offloaded else "final",
             offloaded=offloaded, edge_label=pred.label, edge_confidence=pred.confidence,
             model_id=self.card.model_id, created_at=now, source=source, offload_error=offload_error,
-            offload_reason=reason)
+            offload_reason=reason, source_key=source_key)
         waiter = None
         if offloaded and wait_for_cloud > 0:
             waiter = self._waiters[sample_id] = threading.Event()   # before the sample can be sent

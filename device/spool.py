@@ -5,7 +5,8 @@ system) and rename it into the spool, so a half-written file is never read.
 Each file is classified, then moved to ``done/``; a file that cannot be
 classified goes to ``failed/`` with a ``.error`` note beside it saying why.
 A file is moved only after its result is stored, so a crash re-reads it
-rather than losing it.
+rather than losing it; a file whose result is already stored (same name,
+size and modification time) is moved without being classified again.
 """
 from __future__ import annotations
 
@@ -22,18 +23,19 @@ from .stats import Counters
 
 log = logging.getLogger(__name__)
 
-Classify = Callable[[bytes, str], Result]
+Classify = Callable[..., Result]
 
 
 class SpoolWatcher:
     def __init__(self, directory: Path, classify_bytes: Classify, counters: Counters, *,
-                 flush: Callable[[], bool] = lambda: True,
+                 flush: Callable[[], bool] = lambda: True, seen: Callable[[str], bool] = lambda key: False,
                  poll_interval_s: float = 0.2, max_file_bytes: int = 16 * 1024 * 1024, chunk: int = 32) -> None:
         self.dir = Path(directory)
         self.done = self.dir / "done"
         self.failed = self.dir / "failed"
         self._classify = classify_bytes
         self._flush = flush
+        self._seen = seen
         self._chunk = chunk
         self._counters = counters
         self._interval = poll_interval_s
@@ -107,8 +109,14 @@ class SpoolWatcher:
             size = path.stat().st_size
             if size > self._max:
                 raise ImageError(f"file of {size} bytes exceeds spool.max_file_bytes = {self._max}")
+            st = path.stat()
+            key = f"{path.name}|{st.st_size}|{st.st_mtime_ns}"
+            if self._seen(key):
+                # Classified before a crash, not yet moved: acknowledge it without a second result.
+                self._counters.inc("spool_already_classified")
+                return True
             data = path.read_bytes()
-            result = self._classify(data, path.name)
+            result = self._classify(data, path.name, source_key=key)
         except FileNotFoundError:
             return False  # taken away by someone else
         except ImageError as exc:

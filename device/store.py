@@ -55,11 +55,13 @@ CREATE TABLE IF NOT EXISTS results (
     cloud_model   TEXT,
     offload_error TEXT,
     offload_reason TEXT,
+    source_key    TEXT NOT NULL DEFAULT '',
     pub_seq       INTEGER NOT NULL,
     acked_seq     INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS results_unpublished ON results(pub_seq) WHERE pub_seq > acked_seq;
 CREATE INDEX IF NOT EXISTS results_created ON results(created_at);
+CREATE INDEX IF NOT EXISTS results_source_key ON results(source_key) WHERE source_key != '';
 CREATE TABLE IF NOT EXISTS outbox (
     seq          INTEGER PRIMARY KEY AUTOINCREMENT,
     sample_id    TEXT NOT NULL UNIQUE,
@@ -209,12 +211,13 @@ class Store:
             rows.append((result.sample_id, result.created_at, result.source, result.model_id, result.edge_label,
                          result.edge_confidence, result.label, result.label_name, result.confidence, result.origin,
                          result.state, int(result.offloaded), result.corrected_at, result.cloud_model_id,
-                         result.offload_error, result.offload_reason, seq))
+                         result.offload_error, result.offload_reason, seq, result.source_key))
             if item is not None:
                 samples.append((item.sample_id, item.created_at, item.created_at, "queued", item.content_type,
                                 item.payload, len(item.payload), json.dumps(item.props)))
         with self._tx() as db:
-            db.executemany(f"INSERT INTO results ({_RESULT_COLS}, pub_seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            db.executemany(f"INSERT INTO results ({_RESULT_COLS}, pub_seq, source_key) "
+                           "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                            rows)
             if samples:
                 db.executemany(
@@ -385,6 +388,10 @@ class Store:
             return ApplyOutcome(self._finalize_local(db, e.sample_id, reason), "applied")
 
     # ------------------------------------------------------------ queries
+    def has_source_key(self, key: str) -> bool:
+        with self._read() as db:
+            return db.execute("SELECT 1 FROM results WHERE source_key=? LIMIT 1", (key,)).fetchone() is not None
+
     def get_result(self, sample_id: str) -> Result | None:
         with self._read() as db:
             row = db.execute(f"SELECT {_RESULT_COLS} FROM results WHERE sample_id=?", (sample_id,)).fetchone()

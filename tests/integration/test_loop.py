@@ -80,11 +80,11 @@ def test_every_offloaded_sample_gets_the_cloud_models_correction(service, worker
         m = finals[results[i].sample_id]
         assert m["origin"] == "cloud" and m["label"] == final[i].label and m["edge"]["label"] == results[i].edge_label
 
-    # samples on the wire: MQTT v5 request/response with a binary PNG
+    # samples on the wire: MQTT v5 request/response with a binary image (PGM for small arrays)
     samples = rec.on(topics.samples)
     assert len(samples) >= len(offloaded)
     s = samples[0]
-    assert s.properties.ContentType == "image/png"
+    assert s.properties.ContentType == "image/x-portable-graymap"
     assert s.properties.ResponseTopic == topics.corrections
     sid = s.properties.CorrelationData.decode()
     idx = next(i for i, r in enumerate(results) if r.sample_id == sid)
