@@ -40,7 +40,10 @@ log = logging.getLogger(__name__)
 
 FAILPOINT_ENV = "EDGE_INFER_TEST_FAILPOINT"
 WAKE = object()               # put on the link worker's event queue: new work in the store
-RESULTS_WINDOW = 256          # result publications in flight at once
+# Result publications in flight at once. paho scans its whole out-queue on every
+# PUBACK, so a wider window costs CPU without adding throughput (measured).
+RESULTS_WINDOW = 64
+COALESCE_S = 0.001
 FRESH_MAX = 20_000            # results held in memory for publication; beyond, read back from the store
 STATUS_INTERVAL_S = 10.0
 MAINTENANCE_INTERVAL_S = 1.0
@@ -412,7 +415,14 @@ class EdgeService:
         first = True
         while True:
             try:
-                ev = self.link.events.get(timeout=timeout) if first else self.link.events.get_nowait()
+                if first:
+                    ev = self.link.events.get(timeout=timeout)
+                    if timeout:
+                        # Let a burst accumulate: one turn (one SQLite commit, one select) then
+                        # serves many events. Costs at most this much latency.
+                        time.sleep(COALESCE_S)
+                else:
+                    ev = self.link.events.get_nowait()
             except queue.Empty:
                 break
             first = False
