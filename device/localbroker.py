@@ -57,6 +57,7 @@ class LocalBroker:
             # Room for offline devices' backlogs and for batching workers.
             "max_queued_messages 200000",
             "max_inflight_messages 1000",
+            "set_tcp_nodelay true",
             "log_type error", "log_type warning", "log_type notice",
             f"log_dest file {self.log_path}",
         ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import ssl
 import threading
 from dataclasses import dataclass
@@ -21,6 +22,15 @@ from paho.mqtt.properties import Properties
 from .config import MqttConfig
 
 log = logging.getLogger(__name__)
+
+
+def _no_delay(client: Any, userdata: Any, sock: Any) -> None:
+    """Small request/response messages: without TCP_NODELAY, Nagle's algorithm and
+    delayed ACKs hold each one back ~40 ms (measured: correction latency 48 -> 10 ms)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass  # not a TCP socket (unix, websockets wrapper): nothing to do
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,7 @@ class MqttLink:
         c.on_publish = self._on_publish
         c.on_message = self._on_message
         c.on_subscribe = self._on_subscribe
+        c.on_socket_open = _no_delay
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
