@@ -34,7 +34,8 @@ def device_toml(tmp: Path, port: int, **extra: str) -> Path:
 
 def test_demo_runs_the_whole_loop_on_real_models(tmp_path):
     out = tmp_path / "demo.json"
-    p = run("-m", "edge_infer", "demo", "--images", "300", "--out", str(out), "--no-progress", timeout=300)
+    p = run("-m", "edge_infer", "demo", "--images", "300", "--paced", "20", "--out", str(out), "--no-progress",
+            timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     r = json.loads(out.read_text())
     assert r["images"] == 300
@@ -42,9 +43,11 @@ def test_demo_runs_the_whole_loop_on_real_models(tmp_path):
     assert r["kept_on_device_share"] == pytest.approx(1 - r["offloaded"] / 300, abs=1e-4)
     assert r["hybrid_accuracy"] >= r["edge_only_accuracy"]
     assert r["correction_latency_ms"]["p50"] is not None
-    # an integrator subscribed to the results topic saw every final result
-    assert r["results_seen_by_subscriber"]["final"] == 300
-    assert r["results_seen_by_subscriber"]["provisional"] == r["offloaded"]
+    paced = r["correction_latency_paced_ms"]
+    assert paced["inputs"] == 20 and paced["p50"] is not None
+    # an integrator subscribed to the results topic saw every final result (the paced inputs too)
+    assert r["results_seen_by_subscriber"]["final"] == 300 + 20
+    assert r["results_seen_by_subscriber"]["provisional"] == r["offloaded"] + 20
     assert "hybrid accuracy" in p.stdout and "kept on device" in p.stdout
 
 
