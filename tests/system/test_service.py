@@ -22,10 +22,12 @@ PYTHON_HOME = Path(os.path.realpath(sys.executable)).parents[1]   # the interpre
 DB = "/var/lib/edge-infer/edge-infer.db"
 
 # Only for this test machine: the interpreter lives under /root (pyenv), which
-# ProtectHome=yes hides. Devices use the system Python under /usr.
+# ProtectHome=yes hides, and the checkout (an editable install) may live under
+# /tmp, which PrivateTmp=yes hides. Devices use the system Python and /opt.
 TEST_DROPIN = f"""[Service]
 ProtectHome=tmpfs
 BindReadOnlyPaths={PYTHON_HOME}
+BindReadOnlyPaths={REPO}
 """
 
 
