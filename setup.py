@@ -31,6 +31,8 @@ setup(
         "tflite-runtime": ["tflite-runtime>=2.14,<2.15", "numpy<2"],
         "cloud": ["onnxruntime>=1.16"],
         "systemd": ["systemd-python>=234"],
+        # `edge-infer calibrate` draws the offload curve (an ML engineer's tool, not a device dependency)
+        "calibrate": ["matplotlib>=3.6"],
         "dev": ["pytest>=8", "ruff>=0.5", "systemd-python>=234"],
     },
     entry_points={

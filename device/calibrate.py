@@ -24,9 +24,10 @@ import re
 import sys
 import time
 from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -60,7 +61,7 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def head(self, n: int) -> "ImageSet":
+    def head(self, n: int) -> ImageSet:
         return ImageSet(self.images[:n], self.labels[:n], self.source)
 
 
@@ -101,6 +102,9 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     tg = t.add_mutually_exclusive_group()
     tg.add_argument("--target", choices=["cloud"], default="cloud",
                     help="reach the cloud model's validation accuracy with the least offloading (default)")
+    t.add_argument("--tolerance", type=_share, default=0.0, metavar="POINTS",
+                   help="with --target cloud: accept this much below the cloud's accuracy, in accuracy points "
+                        "(0.0025 = 0.25 pp); near the top the curve is flat, so a little keeps much more local")
     tg.add_argument("--target-accuracy", type=_share, default=None, metavar="ACC",
                     help="reach this hybrid accuracy (e.g. 0.92) with the least offloading")
     tg.add_argument("--max-offload-share", type=_share, default=None, metavar="SHARE",
@@ -210,7 +214,7 @@ def load_data(data: Path, test_data: Path | None, labels: Sequence[str], seed: i
     half = len(full) // 2
     if half < 2:
         raise CalibrateError(f"{data}: {len(full)} images are too few to split into validation and test")
-    pick = lambda idx: ImageSet([full.images[i] for i in idx] if isinstance(full.images, list)  # noqa: E731
+    pick = lambda idx: ImageSet([full.images[i] for i in idx] if isinstance(full.images, list)
                                 else full.images[idx], full.labels[idx], full.source)
     vi, ti = np.sort(order[:half]), np.sort(order[half:])
     return pick(vi), pick(ti), f"{data} split in half at random (seed {seed}): validation / test"
@@ -350,14 +354,17 @@ def _toml_str(s: str) -> str:
     return json.dumps(s)   # a JSON string is a valid TOML basic string
 
 
-def policy_snippet(score: str, threshold: float, temperature: float, router_file: str, header: str) -> str:
+def policy_snippet(score: str, threshold: float, temperature: float, router_file: str | None, header: str) -> str:
+    """The ``[policy]`` table for the device config. ``router_file`` is written only when there is
+    one (the device's loader rejects an empty path; it needs the key only for score = "router")."""
     lines = [f"# {line}" if line else "#" for line in header.splitlines()]
     lines += [
         "[policy]",
         f"score = {_toml_str(score)}",
         f"threshold = {float(threshold)!r}",
         f"temperature = {float(temperature)!r}",
-        f"router_file = {_toml_str(router_file)}",
+        f"router_file = {_toml_str(router_file)}" if router_file
+        else '# router_file: only for score = "router"',
     ]
     return "\n".join(lines) + "\n"
 
@@ -380,7 +387,8 @@ def build_report(cal: Calibration, picked: str | None, inputs: dict[str, Any], r
             "validation": chosen.val.to_dict() if chosen.val else None,
             "test": chosen.test.to_dict() if chosen.test else None,
         },
-        "scores": {k: r.to_dict() for k, r in cal.results.items()},
+        "scores": {k: r.to_dict() | {"validation_gain_vs_max_softmax": cal.val_gain[k].to_dict()
+                                     if k in cal.val_gain else None} for k, r in cal.results.items()},
         "oracle_router": cal.oracle.to_dict(),
         "curves": {k: {s: c.sampled(100) for s, c in v.items()} for k, v in cal.curves.items()},
         "runtime_s": {k: round(v, 2) for k, v in runtime_s.items()},
@@ -388,56 +396,67 @@ def build_report(cal: Calibration, picked: str | None, inputs: dict[str, Any], r
 
 
 def plot_offload_curves(path: Path, cal: Calibration, picked: str | None) -> None:
-    """The reference figure: hybrid accuracy against share offloaded, every score, both splits."""
+    """The reference figure: hybrid accuracy against share offloaded, every score, both splits;
+    the bottom row zooms in on the cloud's accuracy, where the threshold is chosen."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         raise CalibrateError(f"the plot needs matplotlib: pip install 'edge-infer[{PLOT_EXTRA}]', or pass "
                              "--no-plot") from None
-    fig = Figure(figsize=(12, 5), dpi=110)
+    fig = Figure(figsize=(12, 9), dpi=100)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2, sharey=True)
+    axes = fig.subplots(2, 2, sharex=True)
     colors = {"max_softmax": "tab:blue", "temperature": "tab:orange", "margin": "tab:green",
               "entropy": "tab:purple", "router": "tab:red"}
-    lo = min(cal.edge_accuracy.values()) - 0.01
-    hi = max(cal.oracle.test_best.accuracy, max(r.val_best.accuracy for r in cal.results.values())) + 0.005
-    for ax, split, title in ((axes[0], "val", "validation (threshold chosen here)"),
-                             (axes[1], "test", "test (reported; untouched while choosing)")):
-        for name, curves in cal.curves.items():
-            c = curves[split]
-            ax.plot(c.offloaded_share * 100, c.accuracy * 100, color=colors.get(name), lw=1.3,
-                    label=name + (" (chosen)" if name == picked else ""))
-        ax.axhline(cal.edge_accuracy[split] * 100, color="gray", ls="--", lw=1,
-                   label=f"edge only {cal.edge_accuracy[split]:.2%}")
-        ax.axhline(cal.cloud_accuracy[split] * 100, color="black", ls="--", lw=1,
-                   label=f"cloud only {cal.cloud_accuracy[split]:.2%}")
-        if cal.target.kind == "accuracy":
-            ax.axhline(cal.target.value * 100, color="tab:red", ls=":", lw=1, label=f"target {cal.target.value:.2%}")
-        if cal.target.kind == "max_offload_share":
-            ax.axvline(cal.target.value * 100, color="tab:red", ls=":", lw=1, label=f"budget {cal.target.value:.0%}")
-        r = cal.results.get(picked) if picked else None
-        pt = None if r is None else (r.val if split == "val" else r.test)
-        if pt is not None:
-            ax.plot([pt.offloaded_share * 100], [pt.accuracy * 100], marker="o", ms=9, mfc="none", mew=2,
-                    color=colors.get(picked, "black"),
-                    label=f"chosen: {pt.kept_share:.1%} kept, {pt.accuracy:.2%}")
-        ax.set_title(f"{title}, n={cal.sizes[split]:,}")
-        ax.set_xlabel("inputs offloaded to the cloud (%)")
-        ax.set_xlim(0, 100)
-        ax.set_ylim(lo * 100, hi * 100)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
-    axes[0].set_ylabel("hybrid accuracy (%)")
-    fig.suptitle("edge-infer calibrate: hybrid accuracy vs share offloaded (" + cal.target.describe() + ")",
+    result = cal.results.get(picked) if picked else None
+    for col, split, title in ((0, "val", "validation (threshold chosen here)"),
+                              (1, "test", "test (reported; untouched while choosing)")):
+        edge, cloud = cal.edge_accuracy[split], cal.cloud_accuracy[split]
+        best = max([c[split].accuracy.max() for c in cal.curves.values()] + [cloud])
+        oracle_best = cal.oracle_curves[split].accuracy.max()
+        for row, (lo, hi) in enumerate(((edge - 0.01, oracle_best + 0.005), (cloud - 0.015, best + 0.004))):
+            ax = axes[row, col]
+            for name, curves in cal.curves.items():
+                c = curves[split]
+                ax.plot(c.offloaded_share * 100, c.accuracy * 100, color=colors.get(name), lw=1.3,
+                        label=name + (" (chosen)" if name == picked else ""))
+            oc = cal.oracle_curves[split]
+            ax.plot(oc.offloaded_share * 100, oc.accuracy * 100, color="gray", ls=":", lw=1,
+                    label="oracle router (upper bound)")
+            ax.axhline(edge * 100, color="gray", ls="--", lw=1, label=f"edge only {edge:.2%}")
+            ax.axhline(cloud * 100, color="black", ls="--", lw=1, label=f"cloud only {cloud:.2%}")
+            if cal.target.kind == "accuracy":
+                ax.axhline(cal.target.value * 100, color="tab:red", ls=":", lw=1,
+                           label=f"target {cal.target.value:.2%}")
+                hi = max(hi, cal.target.value + 0.002)
+            if cal.target.kind == "max_offload_share":
+                ax.axvline(cal.target.value * 100, color="tab:red", ls=":", lw=1,
+                           label=f"budget {cal.target.value:.0%}")
+            pt = None if result is None else (result.val if split == "val" else result.test)
+            if pt is not None:
+                ax.plot([pt.offloaded_share * 100], [pt.accuracy * 100], marker="o", ms=9, mfc="none", mew=2,
+                        color=colors.get(picked, "black"), label=f"chosen: {pt.kept_share:.1%} kept, {pt.accuracy:.2%}")
+            ax.set_xlim(0, 100)
+            ax.set_ylim(lo * 100, hi * 100)
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_title(f"{title}, n={cal.sizes[split]:,}")
+                ax.legend(loc="lower right", fontsize=8)
+            else:
+                ax.set_title("zoom on the cloud's accuracy", fontsize=9)
+                ax.set_xlabel("inputs offloaded to the cloud (%)")
+        axes[0, 0].set_ylabel("hybrid accuracy (%)")
+        axes[1, 0].set_ylabel("hybrid accuracy (%)")
+    fig.suptitle("edge-infer calibrate: hybrid accuracy vs share offloaded\n(" + cal.target.describe() + ")",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
 
 
 def _table(cal: Calibration, picked: str | None) -> str:
-    rows = [f"{'score':<12} {'val kept':>9} {'val acc':>8} {'test kept':>10} {'test acc':>9} {'gap acc':>8} "
-            f"{'threshold':>10}"]
+    rows = [(f"{'score':<12} {'val kept':>9} {'val acc':>8} {'test kept':>10} {'test acc':>9} {'gap acc':>8} "
+             f"{'threshold':>10}")]
     for name, r in cal.results.items():
         if r.val is None:
             rows.append(f"{name:<12} {'target unreachable on validation (best ' + f'{r.val_best.accuracy:.4f})':>50}")
@@ -462,6 +481,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except (CalibrateError, ModelCardError, DatasetError) as exc:
+        print(f"edge-infer calibrate: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:   # an unwritable --out, a file that vanished while reading
         print(f"edge-infer calibrate: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
@@ -489,17 +511,21 @@ def _run(args: argparse.Namespace) -> int:
                              f"choose from {', '.join(FEATURES)}")
     if args.folds < 2:
         raise CalibrateError("--folds must be at least 2")
+    if args.tolerance and (args.target_accuracy is not None or args.max_offload_share is not None):
+        raise CalibrateError("--tolerance applies to --target cloud only")
     if args.limit is not None and args.limit < 2:
         raise CalibrateError("--limit must be at least 2")
     if not args.no_plot:   # fail before minutes of work, not after
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
+        import importlib.util
+        if importlib.util.find_spec("matplotlib") is None:
             raise CalibrateError(f"the plot needs matplotlib: pip install 'edge-infer[{PLOT_EXTRA}]', or pass "
-                                 "--no-plot") from None
+                                 "--no-plot")
 
     card = load_card(args.edge_card)
     labels = list(card.labels)
+    if args.cloud_card is not None and list(load_card(args.cloud_card).labels) != labels:
+        raise CalibrateError(f"{args.cloud_card}: the cloud card's labels differ from the edge card's "
+                             f"({args.edge_card}); both models must use the same classes in the same order")
     t0 = time.monotonic()
     val_set, test_set, split_note = load_data(args.data, args.test_data, labels, args.seed)
     full_sizes = {"val": len(val_set), "test": len(test_set)}
@@ -520,9 +546,6 @@ def _run(args: argparse.Namespace) -> int:
     if args.cloud_card is not None:
         cloud_pred, cloud_info = cloud_predictions_from_model(
             args.cloud_card, {"val": val_set, "test": test_set}, args.cloud_threads, progress)
-        if cloud_info["labels"] != labels:
-            raise CalibrateError(f"{args.cloud_card}: the cloud card's labels differ from the edge card's "
-                                 f"({args.edge_card}); both models must use the same classes in the same order")
     else:
         full = cloud_predictions_from_file(args.cloud_predictions, full_sizes, full_labels, len(labels))
         cloud_pred = {"val": full["val"][:len(val_set)], "test": full["test"][:len(test_set)]}
@@ -537,7 +560,7 @@ def _run(args: argparse.Namespace) -> int:
         cal = calibrate_arrays(Split(logits["val"], val_set.labels, cloud_pred["val"]),
                                Split(logits["test"], test_set.labels, cloud_pred["test"]),
                                target_kind=kind, target_value=value, scores=scores, router_cfg=router_cfg,
-                               folds=args.folds, seed=args.seed)
+                               folds=args.folds, seed=args.seed, tolerance=args.tolerance)
     except ValueError as exc:
         raise CalibrateError(str(exc)) from None
     timings["calibration"] = time.monotonic() - t0
@@ -567,12 +590,12 @@ def _run(args: argparse.Namespace) -> int:
         if policy_path.exists():
             policy_path.unlink()   # never leave a stale snippet beside a new report
     else:
-        router_file = ""
+        router_file = None
         if picked == "router":
             assert cal.router is not None
-            router_path = (out / ROUTER_FILE).resolve()
+            router_path = out / ROUTER_FILE
             save_router(cal.router, router_path)
-            router_file = str(router_path)
+            router_file = ROUTER_FILE   # relative paths in a device config are relative to the config's folder
             written.append(router_path)
         threshold = res.val.threshold
         if threshold > 1.0:
@@ -584,7 +607,8 @@ def _run(args: argparse.Namespace) -> int:
                   f"validation: kept {res.val.kept_share:.2%} on device, hybrid accuracy {res.val.accuracy:.4f}\n"
                   f"test:       kept {res.test.kept_share:.2%} on device, hybrid accuracy {res.test.accuracy:.4f}\n"
                   "offload when score < threshold; temperature is used by score \"temperature\" only,\n"
-                  "router_file by score \"router\" only (copy router.json with this file)")
+                  "router_file by score \"router\" only (a relative path is relative to the config file's\n"
+                  "folder: install router.json beside the config)")
         policy_path.write_text(policy_snippet(picked, threshold, cal.temperature, router_file, header))
         written.append(policy_path)
     stale_router = out / ROUTER_FILE
@@ -613,6 +637,12 @@ def _run(args: argparse.Namespace) -> int:
     print(f"cloud-only accuracy val {cal.cloud_accuracy['val']:.4f}  test {cal.cloud_accuracy['test']:.4f}")
     print(f"target: {cal.target.describe()}; temperature {cal.temperature:.4f}")
     print(_table(cal, picked if res is not None else None))
+    gain = cal.val_gain.get(picked) if picked and res is not None else None
+    if gain is not None and res is not None and cal.results["max_softmax"].val is not None:
+        verdict = "beyond noise" if gain.significant else "WITHIN NOISE (consider --pick max_softmax)"
+        point = res.val.kept_share - cal.results["max_softmax"].val.kept_share
+        print(f"{picked} vs max_softmax on validation: {point * 100:+.1f} pp kept, 95% interval "
+              f"[{gain.low * 100:+.1f}, {gain.high * 100:+.1f}] (paired bootstrap): {verdict}")
     if cal.oracle.test_kept_at_target is not None:
         print(f"oracle router (offloads exactly what the cloud fixes): kept {cal.oracle.test_kept_at_target:.1%} "
               "on test at the target")

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +50,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, lo: float = 0.05, hi
     labels = np.asarray(labels)
     if len(logits) == 0:
         raise ValueError("cannot fit a temperature on an empty set")
-    f = lambda beta: nll(logits, labels, 1.0 / beta)  # noqa: E731
+    f = lambda beta: nll(logits, labels, 1.0 / beta)
     a, b = 1.0 / hi, 1.0 / lo
     g = (math.sqrt(5.0) - 1.0) / 2.0
     c, d = b - g * (b - a), a + g * (b - a)
@@ -173,8 +174,12 @@ def kept_share_at(curve: OffloadCurve, accuracy: float) -> float | None:
 
 
 def oracle_score(edge_ok: np.ndarray, cloud_ok: np.ndarray) -> np.ndarray:
-    """A perfect router's score: lowest where the cloud fixes the edge, highest where it would break it."""
-    return (np.asarray(edge_ok, dtype=np.float64) - np.asarray(cloud_ok, dtype=np.float64) + 1.0) / 2.0
+    """A perfect router's score: lowest where the cloud fixes the edge answer, middle where
+    offloading changes nothing, highest where the cloud would break a right answer. Values are
+    all distinct (ties broken by position) so the oracle can offload any number of fixes."""
+    gain = np.asarray(cloud_ok, dtype=np.int64) - np.asarray(edge_ok, dtype=np.int64)   # 1, 0, -1
+    n = len(gain)
+    return ((1 - gain) * n + np.arange(n)) / (3.0 * n)
 
 
 # ----------------------------------------------------------------------------- targets and selection
@@ -192,6 +197,7 @@ class Target:
     """
     kind: str
     value: float
+    tolerance: float = 0.0    # cloud target only: value = cloud accuracy - tolerance
 
     def __post_init__(self) -> None:
         if self.kind not in TARGET_KINDS:
@@ -204,6 +210,9 @@ class Target:
         return self.kind in ("cloud", "accuracy")
 
     def describe(self) -> str:
+        if self.kind == "cloud" and self.tolerance:
+            return (f"reach the cloud model's validation accuracy minus {self.tolerance * 100:.2f} pp "
+                    f"({self.value:.4f}) with the least offloading")
         if self.kind == "cloud":
             return f"reach the cloud model's validation accuracy ({self.value:.4f}) with the least offloading"
         if self.kind == "accuracy":
@@ -211,7 +220,7 @@ class Target:
         return f"best accuracy offloading at most {self.value:.1%} of the inputs"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "value": self.value, "description": self.describe()}
+        return {"kind": self.kind, "value": self.value, "tolerance": self.tolerance, "description": self.describe()}
 
 
 def select_threshold(curve: OffloadCurve, target: Target) -> OperatingPoint | None:
@@ -227,15 +236,24 @@ def select_threshold(curve: OffloadCurve, target: Target) -> OperatingPoint | No
 
 
 def choose_score(val_points: Mapping[str, OperatingPoint | None], target: Target,
-                 order: Iterable[str] = SCORES) -> str | None:
+                 order: Iterable[str] = SCORES, gains: Mapping[str, "BootstrapDiff"] | None = None,
+                 reference: str = "max_softmax") -> str | None:
     """The score to deploy: most kept on the device on validation at an accuracy target; best
     validation accuracy within an offload budget (then most kept). Ties go to the earlier,
-    simpler score in ``order``. None when no score meets the target."""
+    simpler score in ``order``. None when no score meets the target.
+
+    With ``gains`` (paired bootstrap of each score's kept share minus the reference's), a score
+    other than the reference is chosen only if its whole 95% interval is above zero: a gain
+    within noise does not justify deploying a more complex score."""
     best_name, best_key = None, None
     for name in order:
         p = val_points.get(name)
         if p is None:
             continue
+        if gains is not None and name != reference and val_points.get(reference) is not None:
+            g = gains.get(name)
+            if g is None or not g.significant:
+                continue
         key = (p.kept_share,) if target.is_accuracy else (round(p.accuracy, 12), p.kept_share)
         if best_key is None or key > best_key:
             best_name, best_key = name, key
@@ -330,14 +348,25 @@ def _fit_mlp(x: np.ndarray, y: np.ndarray, cfg: RouterTraining) -> tuple[tuple[n
     return (w1, w2), (c1, c2)
 
 
-def train_router(logits: np.ndarray, y: np.ndarray, cfg: RouterTraining, temperature: float = 1.0,
-                 meta: dict[str, Any] | None = None) -> RouterParams:
-    """Fit a router on (N, C) edge logits and 0/1 keep-labels ``y`` (see :func:`router_labels`)."""
-    logits = np.asarray(logits, dtype=np.float64)
+@dataclass(frozen=True, eq=False)
+class FittedRouter:
+    """A router fitted on a raw feature matrix (any features: the bench also tries others)."""
+    mean: np.ndarray
+    scale: np.ndarray
+    weights: tuple[np.ndarray, ...]
+    biases: tuple[np.ndarray, ...]
+    activation: str
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return router_forward((features - self.mean) / self.scale, self.weights, self.biases, self.activation)
+
+
+def fit_router_arrays(features: np.ndarray, y: np.ndarray, cfg: RouterTraining) -> FittedRouter:
+    """Standardise ``features`` (N, F) and fit the router model of ``cfg`` to 0/1 labels ``y``."""
+    feats = np.asarray(features, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    if len(logits) != len(y):
-        raise ValueError("logits and labels differ in length")
-    feats = router_features(logits, cfg.features, temperature)
+    if len(feats) != len(y):
+        raise ValueError("features and labels differ in length")
     mean = feats.mean(axis=0)
     scale = feats.std(axis=0)
     scale = np.where(scale > 1e-8, scale, 1.0)
@@ -347,12 +376,20 @@ def train_router(logits: np.ndarray, y: np.ndarray, cfg: RouterTraining, tempera
         weights, biases = (w[:, None],), (np.array([b]),)
     else:
         weights, biases = _fit_mlp(x, y, cfg)
+    return FittedRouter(mean, scale, tuple(weights), tuple(biases), cfg.activation)
+
+
+def train_router(logits: np.ndarray, y: np.ndarray, cfg: RouterTraining, temperature: float = 1.0,
+                 meta: dict[str, Any] | None = None) -> RouterParams:
+    """Fit a router on (N, C) edge logits and 0/1 keep-labels ``y`` (see :func:`router_labels`)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    fitted = fit_router_arrays(router_features(logits, cfg.features, temperature), y, cfg)
     layers = tuple(DenseLayer(tuple(tuple(float(v) for v in row) for row in wt), tuple(float(v) for v in bs))
-                   for wt, bs in zip(weights, biases))
+                   for wt, bs in zip(fitted.weights, fitted.biases))
     num_classes = logits.shape[1]
-    assert x.shape[1] == feature_width(cfg.features, num_classes)
-    return RouterParams(num_classes=num_classes, features=tuple(cfg.features), mean=tuple(map(float, mean)),
-                        scale=tuple(map(float, scale)), layers=layers, activation=cfg.activation,
+    assert len(fitted.mean) == feature_width(cfg.features, num_classes)
+    return RouterParams(num_classes=num_classes, features=tuple(cfg.features), mean=tuple(map(float, fitted.mean)),
+                        scale=tuple(map(float, fitted.scale)), layers=layers, activation=cfg.activation,
                         temperature=float(temperature), target=cfg.target, meta=dict(meta or {}))
 
 
@@ -458,17 +495,24 @@ class BootstrapDiff:
     high: float    # 97.5th percentile
     resamples: int
 
+    @property
+    def significant(self) -> bool:
+        """The whole 95% interval is above zero."""
+        return bool(self.low > 0)
+
     def to_dict(self) -> dict[str, Any]:
         return {"score": self.score, "reference": self.reference, "mean": round(self.mean, 6),
-                "ci95": [round(self.low, 6), round(self.high, 6)], "resamples": self.resamples}
+                "ci95": [round(self.low, 6), round(self.high, 6)], "resamples": self.resamples,
+                "significant": self.significant}
 
 
 def bootstrap_kept_difference(scores: Mapping[str, np.ndarray], edge_ok: np.ndarray, cloud_ok: np.ndarray,
                               reference: str = "max_softmax", resamples: int = 500, seed: int = 0,
-                              target_accuracy: float | None = None) -> dict[str, BootstrapDiff]:
+                              target_accuracy: float | None = None,
+                              accuracy_offset: float = 0.0) -> dict[str, BootstrapDiff]:
     """How much more each score keeps on the device than ``reference`` at the same accuracy
-    (the cloud's accuracy on each resample unless ``target_accuracy`` is given), read off the
-    curves of each resample. Measures the noise of the comparison on this data set."""
+    (the cloud's accuracy on each resample minus ``accuracy_offset``, unless ``target_accuracy``
+    is given), read off the curves of each resample. Measures the noise of the comparison."""
     e = np.asarray(edge_ok, dtype=bool)
     c = np.asarray(cloud_ok, dtype=bool)
     rng = np.random.default_rng(seed)
@@ -476,12 +520,12 @@ def bootstrap_kept_difference(scores: Mapping[str, np.ndarray], edge_ok: np.ndar
     diffs: dict[str, list[float]] = {k: [] for k in scores if k != reference}
     for _ in range(resamples):
         idx = rng.integers(0, n, n)
-        acc = float(c[idx].mean()) if target_accuracy is None else target_accuracy
+        acc = float(c[idx].mean()) - accuracy_offset if target_accuracy is None else target_accuracy
         ref = kept_share_at(offload_curve(scores[reference][idx], e[idx], c[idx]), acc)
-        for k in diffs:
+        for k, found in diffs.items():
             other = kept_share_at(offload_curve(scores[k][idx], e[idx], c[idx]), acc)
             if ref is not None and other is not None:
-                diffs[k].append(other - ref)
+                found.append(other - ref)
     out = {}
     for k, d in diffs.items():
         arr = np.asarray(d) if d else np.asarray([np.nan])
@@ -542,15 +586,20 @@ class Calibration:
     chosen: str | None
     oracle: OracleResult
     sizes: dict[str, int]
+    values: dict[str, dict[str, np.ndarray]]      # score -> split -> per-input score (val: cross-fitted router)
+    oracle_curves: dict[str, OffloadCurve]        # split -> the oracle router's curve
+    val_gain: dict[str, BootstrapDiff]            # kept share vs max_softmax on validation, with its noise
 
     @property
     def chosen_result(self) -> ScoreResult | None:
         return None if self.chosen is None else self.results[self.chosen]
 
 
-def resolve_target(kind: str, value: float | None, cloud_val_accuracy: float) -> Target:
+def resolve_target(kind: str, value: float | None, cloud_val_accuracy: float, tolerance: float = 0.0) -> Target:
     if kind == "cloud":
-        return Target("cloud", cloud_val_accuracy)
+        if not 0.0 <= tolerance < 1.0:
+            raise ValueError(f"tolerance must be between 0 and 1 (accuracy points, e.g. 0.0025), got {tolerance}")
+        return Target("cloud", max(cloud_val_accuracy - tolerance, 0.0), tolerance)
     if value is None:
         raise ValueError(f"target {kind} needs a value")
     return Target(kind, float(value))
@@ -558,9 +607,10 @@ def resolve_target(kind: str, value: float | None, cloud_val_accuracy: float) ->
 
 def calibrate_arrays(val: Split, test: Split, target_kind: str = "cloud", target_value: float | None = None,
                      scores: Iterable[str] = SCORES, router_cfg: RouterTraining = RouterTraining(),
-                     folds: int = 5, seed: int = 0) -> Calibration:
+                     folds: int = 5, seed: int = 0, resamples: int = 300, tolerance: float = 0.0) -> Calibration:
     """Fit the temperature and the router on ``val``, choose a threshold per score on ``val``
-    for the target, report each on ``test``, and pick the score to deploy."""
+    for the target, report each on ``test``, and pick the score to deploy. ``tolerance``: for the
+    cloud target, how far below the cloud's accuracy is acceptable (accuracy points)."""
     scores = tuple(scores)
     unknown = [s for s in scores if s not in SCORES]
     if unknown:
@@ -568,8 +618,8 @@ def calibrate_arrays(val: Split, test: Split, target_kind: str = "cloud", target
     if val.logits.shape[1] != test.logits.shape[1]:
         raise ValueError("validation and test logits have different class counts")
     cloud_val = float(val.cloud_ok.mean())
-    target = resolve_target(target_kind, target_value, cloud_val)
-    test_target = float(test.cloud_ok.mean()) if target.kind == "cloud" else (
+    target = resolve_target(target_kind, target_value, cloud_val, tolerance)
+    test_target = float(test.cloud_ok.mean()) - target.tolerance if target.kind == "cloud" else (
         target.value if target.is_accuracy else None)
 
     temperature = fit_temperature(val.logits, val.labels)
@@ -607,7 +657,6 @@ def calibrate_arrays(val: Split, test: Split, target_kind: str = "cloud", target
                                      target, test_target)
         results[name] = res
         curves[name] = {"val": cv, "test": ct}
-    chosen = choose_score({k: r.val for k, r in results.items()}, target, order=SCORES)
 
     ov = offload_curve(oracle_score(val.edge_ok, val.cloud_ok), val.edge_ok, val.cloud_ok)
     ot = offload_curve(oracle_score(test.edge_ok, test.cloud_ok), test.edge_ok, test.cloud_ok)
@@ -615,9 +664,19 @@ def calibrate_arrays(val: Split, test: Split, target_kind: str = "cloud", target
         val_kept_at_target=kept_share_at(ov, target.value) if target.is_accuracy else None,
         test_kept_at_target=kept_share_at(ot, test_target) if test_target is not None else None,
         test_best=ot.best())
+    val_gain: dict[str, BootstrapDiff] = {}
+    if target.is_accuracy and "max_softmax" in score_values and len(score_values) > 1 and resamples > 0:
+        val_gain = bootstrap_kept_difference(
+            {k: v for k, (v, _) in score_values.items()}, val.edge_ok, val.cloud_ok, reference="max_softmax",
+            resamples=resamples, seed=seed, target_accuracy=None if target.kind == "cloud" else target.value,
+            accuracy_offset=target.tolerance)
+    chosen = choose_score({k: r.val for k, r in results.items()}, target, order=SCORES,
+                          gains=val_gain if val_gain else None)
     return Calibration(
         target=target, test_target_accuracy=test_target,
         edge_accuracy={"val": float(val.edge_ok.mean()), "test": float(test.edge_ok.mean())},
         cloud_accuracy={"val": cloud_val, "test": float(test.cloud_ok.mean())},
         temperature=temperature, router=router, router_note=router_note, results=results, curves=curves,
-        chosen=chosen, oracle=oracle, sizes={"val": len(val), "test": len(test)})
+        chosen=chosen, oracle=oracle, sizes={"val": len(val), "test": len(test)},
+        values={k: {"val": v, "test": t} for k, (v, t) in score_values.items()},
+        oracle_curves={"val": ov, "test": ot}, val_gain=val_gain)

@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_classify)
     b = sub.add_parser("backends", help="list inference backends and whether they load here")
     b.set_defaults(func=cmd_backends)
+    from .calibrate import add_calibrate_arguments, run_calibrate
+    cal = sub.add_parser("calibrate", help="choose the offload score and threshold from labelled data")
+    add_calibrate_arguments(cal)
+    cal.set_defaults(func=run_calibrate)
     from .demo import add_demo_arguments
     d = sub.add_parser("demo", help="the whole loop on this machine: broker, cloud worker, device, test set")
     add_demo_arguments(d)

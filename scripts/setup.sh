@@ -34,5 +34,5 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 extras="device,cloud"
-[ "${1:-}" = dev ] && extras="device,cloud,dev"
+[ "${1:-}" = dev ] && extras="device,cloud,calibrate,dev"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]"

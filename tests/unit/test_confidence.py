@@ -46,7 +46,7 @@ def test_max_softmax_agrees_with_the_device_reference_score():
 @pytest.mark.parametrize("name", ["max_softmax", "temperature", "margin", "entropy"])
 def test_scores_are_in_unit_range_higher_when_confident_and_shift_invariant(name):
     f = scorer(name, temperature=1.7)
-    confident = np.array([[12.0, 0.0, 0.0, 0.0]])
+    confident = np.array([[30.0, 0.0, 0.0, 0.0]])
     uniform = np.zeros((1, 4))
     split = np.array([[5.0, 5.0, 0.0, 0.0]])
     c, u, s = f(confident)[0], f(uniform)[0], f(split)[0]
