@@ -45,11 +45,17 @@ def bare_loop(backend, tensors: np.ndarray) -> float:
     return time.perf_counter() - t0
 
 
-def service_loop(svc: EdgeService, images: np.ndarray) -> float:
+def service_loop(svc: EdgeService, images: np.ndarray) -> tuple[float, float]:
+    """(seconds inside classify() calls, seconds until every result is stored and acknowledged
+    by the broker and every sample handed over) -- the second is the sustainable rate."""
     t0 = time.perf_counter()
     for im in images:
         svc.classify(im)
-    return time.perf_counter() - t0
+    t1 = time.perf_counter()
+    svc.flush()
+    while svc.store.unpublished_count() or svc.store.outbox_counts()["queued"]:
+        time.sleep(0.002)
+    return t1 - t0, time.perf_counter() - t0
 
 
 def peak_memory(tmp: Path, port: int, images: np.ndarray, threshold: float) -> dict:
@@ -106,21 +112,25 @@ def main() -> int:
             svc.start()
             while not svc.link.connected.is_set():
                 time.sleep(0.01)
-            bare_s, svc_s = [], []
+            bare_s, call_s, svc_s = [], [], []
             for _ in range(args.rounds):
                 bare_s.append(bare_loop(backend, tensors))
-                svc_s.append(service_loop(svc, images))
+                calls, total = service_loop(svc, images)   # returns once the service is idle again
+                call_s.append(calls)
+                svc_s.append(total)
             offload_share = svc.counters.get("offloaded") / max(svc.counters.get("classified"), 1)
             svc.stop()
             mem = peak_memory(tmp, broker.port, images[: args.memory_files], args.threshold)
 
     n = len(images)
     bare_us = statistics.median(bare_s) / n * 1e6
+    call_us = statistics.median(call_s) / n * 1e6
     svc_us = statistics.median(svc_s) / n * 1e6
     report = {
         "images": n, "rounds": args.rounds, "runtime": backend.runtime, "model": card.model_id,
         "threshold": args.threshold, "offload_share": round(offload_share, 4),
-        "bare_us_per_input": round(bare_us, 1), "service_us_per_input": round(svc_us, 1),
+        "bare_us_per_input": round(bare_us, 1), "classify_call_us_per_input": round(call_us, 1),
+        "service_us_per_input": round(svc_us, 1),
         "service_overhead_us_per_input": round(svc_us - bare_us, 1),
         "service_vs_bare_throughput_ratio": round(bare_us / svc_us, 3),
         "bare_inputs_per_s": round(1e6 / bare_us), "service_inputs_per_s": round(1e6 / svc_us),
@@ -128,8 +138,9 @@ def main() -> int:
     }
     print(f"model {card.model_id} on {backend.runtime}, {n} images x {args.rounds} rounds (medians)")
     print(f"  bare interpreter loop   {bare_us:8.1f} us/input  {1e6 / bare_us:8.0f}/s")
-    print(f"  service classify()      {svc_us:8.1f} us/input  {1e6 / svc_us:8.0f}/s   "
-          f"(offloaded {offload_share:.1%})")
+    print(f"  classify() calls        {call_us:8.1f} us/input  {1e6 / call_us:8.0f}/s   (what a caller waits per input)")
+    print(f"  service, sustained      {svc_us:8.1f} us/input  {1e6 / svc_us:8.0f}/s   "
+          f"(until stored and published; offloaded {offload_share:.1%})")
     print(f"  service overhead        {svc_us - bare_us:8.1f} us/input  (goal < 100)")
     print(f"  throughput ratio        {bare_us / svc_us:8.3f}  (service / bare)")
     print(f"  peak RSS of `edge-infer run` over {mem['classified']} spool files: {mem['peak_rss_mb']} MB (goal < 120)")

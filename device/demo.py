@@ -78,11 +78,13 @@ class ResultsMonitor:
         self._ready.wait(10)
 
     def _on_message(self, client, userdata, msg) -> None:
-        r = json.loads(msg.payload)
+        from .protocol import decode_results
         with self._lock:
-            self.counts[r["state"]] += 1
-            if r["state"] == "final" and r["origin"] == "cloud":
-                self.counts["final_cloud"] += 1
+            self.counts["messages"] = self.counts.get("messages", 0) + 1
+            for r in decode_results(msg.payload):
+                self.counts[r["state"]] += 1
+                if r["state"] == "final" and r["origin"] == "cloud":
+                    self.counts["final_cloud"] += 1
 
     def stop(self) -> None:
         self._client.disconnect()

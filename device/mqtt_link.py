@@ -11,6 +11,7 @@ import logging
 import queue
 import socket
 import ssl
+import struct
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,52 @@ from paho.mqtt.properties import Properties
 from .config import MqttConfig
 
 log = logging.getLogger(__name__)
+
+
+def _str(value: str) -> bytes:
+    data = value.encode("utf-8")
+    if len(data) > 0xFFFF:
+        raise ValueError("MQTT strings are at most 65535 bytes")
+    return struct.pack("!H", len(data)) + data
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, byte = divmod(n, 128)
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def pack_publish_properties(content_type: str | None, response_topic: str | None, correlation_data: bytes | None,
+                            user_properties: list[tuple[str, str]] | tuple = ()) -> bytes:
+    """The PUBLISH properties we use, encoded as MQTT v5 (section 3.3.2.3) in identifier order.
+
+    paho's Properties builds and packs these in ~70 us (measured), more than the rest of
+    sending a sample; this does the same bytes (tested against paho) in a few.
+    """
+    buf = bytearray()
+    if content_type:
+        buf += b"\x03" + _str(content_type)
+    if response_topic:
+        buf += b"\x08" + _str(response_topic)
+    if correlation_data:
+        buf += b"\x09" + struct.pack("!H", len(correlation_data)) + correlation_data
+    for key, value in user_properties:
+        buf += b"\x26" + _str(key) + _str(value)
+    return _varint(len(buf)) + bytes(buf)
+
+
+class PackedProperties:
+    """What paho's publish() needs of a Properties object: ``pack()``."""
+    __slots__ = ("_packed",)
+
+    def __init__(self, packed: bytes) -> None:
+        self._packed = packed
+
+    def pack(self) -> bytes:
+        return self._packed
 
 
 def _no_delay(client: Any, userdata: Any, sock: Any) -> None:
@@ -127,15 +174,8 @@ class MqttLink:
         """Queue a publish; returns (paho rc, mid). NO_CONN still queues a QoS 1 message in paho."""
         props = None
         if content_type or response_topic or correlation_data or user_properties:
-            props = Properties(PacketTypes.PUBLISH)
-            if content_type:
-                props.ContentType = content_type
-            if response_topic:
-                props.ResponseTopic = response_topic
-            if correlation_data:
-                props.CorrelationData = correlation_data
-            if user_properties:
-                props.UserProperty = list(user_properties)
+            props = PackedProperties(pack_publish_properties(content_type, response_topic, correlation_data,
+                                                             user_properties))
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         return int(info.rc), info.mid
 

@@ -6,7 +6,7 @@ Topics (``P`` = topic prefix, ``D`` = device id):
   Content Type = image MIME type; Response Topic = ``P/D/corrections``;
   Correlation Data = sample id (ASCII); user properties carry metadata.
 - ``P/D/corrections``  cloud -> device, QoS 1, JSON correction or error reply.
-- ``P/D/results``      device -> integrators, QoS 1, JSON result.
+- ``P/D/results``      device -> integrators, QoS 1, JSON: a list of results.
 - ``P/D/status``       device, retained, QoS 1, JSON; last will = offline.
 
 Workers subscribe with ``$share/<group>/P/+/samples``. Everything received is
@@ -240,15 +240,36 @@ def parse_reply(payload: bytes, correlation_data: bytes | None, num_labels: int)
 
 # ---------------------------------------------------------------- results and status
 
-def encode_result(r: Result, device_id: str) -> bytes:
-    return json.dumps({
-        "v": VERSION, "device": device_id, "sample_id": r.sample_id, "source": r.source,
+def result_dict(r: Result) -> dict[str, Any]:
+    return {
+        "sample_id": r.sample_id, "source": r.source,
         "label": r.label, "label_name": r.label_name, "confidence": round(r.confidence, 6),
         "origin": r.origin, "state": r.state, "offloaded": r.offloaded, "offload_reason": r.offload_reason,
         "edge": {"label": r.edge_label, "confidence": round(r.edge_confidence, 6), "model": r.model_id},
         "cloud_model": r.cloud_model_id, "created_at": round(r.created_at, 6),
         "corrected_at": None if r.corrected_at is None else round(r.corrected_at, 6),
-    }, separators=(",", ":")).encode()
+    }
+
+
+def encode_results(results: list[Result], device_id: str) -> bytes:
+    """One results message: results in the order they became due (one or many).
+
+    Batching is what lets a device publish thousands of results a second: one
+    MQTT message (and one PUBACK) carries every result that is due at once.
+    """
+    return json.dumps({"v": VERSION, "device": device_id, "results": [result_dict(r) for r in results]},
+                      separators=(",", ":")).encode()
+
+
+def decode_results(payload: bytes) -> list[dict[str, Any]]:
+    """For subscribers: the results in one message (validates the envelope)."""
+    try:
+        obj = json.loads(payload)
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("bad_json", "results message is not JSON") from None
+    if not isinstance(obj, dict) or obj.get("v") != VERSION or not isinstance(obj.get("results"), list):
+        raise ProtocolError("bad_schema", "results message must be {'v': 1, 'device': ..., 'results': [...]}")
+    return obj["results"]
 
 
 def encode_status(fields: dict[str, Any]) -> bytes:

@@ -40,9 +40,10 @@ log = logging.getLogger(__name__)
 
 FAILPOINT_ENV = "EDGE_INFER_TEST_FAILPOINT"
 WAKE = object()               # put on the link worker's event queue: new work in the store
-# Result publications in flight at once. paho scans its whole out-queue on every
-# PUBACK, so a wider window costs CPU without adding throughput (measured).
-RESULTS_WINDOW = 64
+# Results messages in flight at once, and results per message. paho scans its whole
+# out-queue on every PUBACK, so a wider window costs CPU without adding throughput.
+RESULTS_WINDOW = 8
+RESULTS_BATCH = 64
 COALESCE_S = 0.001
 FRESH_MAX = 20_000            # results held in memory for publication; beyond, read back from the store
 STATUS_INTERVAL_S = 10.0
@@ -91,6 +92,7 @@ class EdgeService:
         self._last_progress = time.monotonic()
         # link-worker state (touched only by the link worker thread)
         self._mids: dict[int, tuple[str, str, int]] = {}
+        self._result_batches: dict[int, list[tuple[str, int]]] = {}
         self._samples_inflight = 0
         self._results_inflight = 0
         # results due for publication: fresh ones in memory; a backlog (from a previous
@@ -437,14 +439,15 @@ class EdgeService:
                         self._sample_refused(sid, ev.reason)
                     else:
                         delivered.append(sid)
-                elif kind == "result":
+                elif kind == "results":
                     self._results_inflight -= 1
+                    batch = self._result_batches.pop(ev.mid, [])
                     if ev.failed:
                         # Not retried: the broker would refuse it again. Counted and logged.
-                        self.counters.inc("results_refused")
-                        log.error("broker refused result %s: %s (check the broker ACL for %s)", sid, ev.reason,
-                                  self.topics.results)
-                    acked.append((sid, seq))
+                        self.counters.inc("results_refused", len(batch))
+                        log.error("broker refused %d result(s): %s (check the broker ACL for %s)", len(batch),
+                                  ev.reason, self.topics.results)
+                    acked.extend(batch)
             elif isinstance(ev, Received):
                 self._on_reply(ev)
             elif isinstance(ev, Connected):
@@ -482,30 +485,30 @@ class EdgeService:
             self._backlog_cursor = 0
 
     def _send_results(self) -> None:
-        free = RESULTS_WINDOW - self._results_inflight
-        if free <= 0:
-            return
-        if self._backlog_hi is not None:
-            dues = self.store.unpublished_results(self._backlog_cursor, free, upto_seq=self._backlog_hi)
-            for due in dues:
-                self._publish_result(due)
-                self._backlog_cursor = due.seq
-            if len(dues) < free:
-                self._backlog_hi = None
-            return
-        while free > 0 and self._fresh:
-            self._publish_result(self._fresh.popleft())
-            free -= 1
+        """Publish due results, up to RESULTS_BATCH per message, RESULTS_WINDOW messages in flight."""
+        while self._results_inflight < RESULTS_WINDOW:
+            if self._backlog_hi is not None:
+                batch = self.store.unpublished_results(self._backlog_cursor, RESULTS_BATCH, upto_seq=self._backlog_hi)
+                if batch:
+                    self._backlog_cursor = batch[-1].seq
+                if len(batch) < RESULTS_BATCH:
+                    self._backlog_hi = None
+            else:
+                batch = [self._fresh.popleft() for _ in range(min(RESULTS_BATCH, len(self._fresh)))]
+            if not batch:
+                return
+            self._publish_results(batch)
 
-    def _publish_result(self, due: Due) -> None:
+    def _publish_results(self, batch: list[Due]) -> None:
         assert self.link is not None
-        r = due.result
-        rc, mid = self.link.publish(self.topics.results, protocol.encode_result(r, self.cfg.device_id))
+        payload = protocol.encode_results([d.result for d in batch], self.cfg.device_id)
+        rc, mid = self.link.publish(self.topics.results, payload)
         if rc not in (0, 4):  # 4 = NO_CONN: paho queued it and sends it on reconnect
-            log.warning("publishing result %s failed locally (rc %d); it is published at the next start",
-                        r.sample_id, rc)
+            log.warning("publishing %d result(s) failed locally (rc %d); they are published at the next start",
+                        len(batch), rc)
             return
-        self._mids[mid] = ("result", r.sample_id, due.seq)
+        self._mids[mid] = ("results", "", 0)
+        self._result_batches[mid] = [(d.result.sample_id, d.seq) for d in batch]
         self._results_inflight += 1
 
     def _send_samples(self) -> None:

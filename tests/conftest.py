@@ -76,6 +76,11 @@ class Recorder:
     def json(self, topic: str) -> list[dict]:
         return [json.loads(m.payload) for m in self.on(topic)]
 
+    def results(self, topic: str) -> list[dict]:
+        """Every result received on a results topic, in order (messages carry lists of results)."""
+        from edge_infer.protocol import decode_results
+        return [r for m in self.on(topic) for r in decode_results(m.payload)]
+
     def publish(self, topic: str, payload: bytes, props=None, qos: int = 1, retain: bool = False) -> None:
         self.client.publish(topic, payload, qos=qos, properties=props, retain=retain).wait_for_publish(5)
 

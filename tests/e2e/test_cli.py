@@ -92,7 +92,7 @@ def test_run_serves_the_spool_and_the_last_will_reports_a_crash(tmp_path, broker
         (spool / ".x").write_bytes(encode_png(fmnist["test"].images[0]))
         os.rename(spool / ".x", spool / "img.png")
         wait_for(lambda: (spool / "done" / "img.png").exists(), what="spool file classified")
-        wait_for(lambda: any(r["source"] == "img.png" for r in rec.json(results_topic)), what="result published")
+        wait_for(lambda: any(r["source"] == "img.png" for r in rec.results(results_topic)), what="result published")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         # keepalive 30 s is too slow for a test; the broker notices the closed socket at once

@@ -71,8 +71,8 @@ def test_every_offloaded_sample_gets_the_cloud_models_correction(service, worker
     assert hybrid_acc >= edge_acc
 
     # integrators saw a provisional and a final result for each offloaded input, and one final for the rest
-    wait_for(lambda: len(rec.on(topics.results)) >= n + len(offloaded), what="results published")
-    published = rec.json(topics.results)
+    wait_for(lambda: len(rec.results(topics.results)) >= n + len(offloaded), what="results published")
+    published = rec.results(topics.results)
     finals = {m["sample_id"]: m for m in published if m["state"] == "final"}
     assert len(finals) == n
     assert sum(m["state"] == "provisional" for m in published) == len(offloaded)
@@ -143,7 +143,7 @@ def test_results_produced_offline_are_published_after_reconnect_with_bounded_mem
         with LocalBroker(tmp_path / "late", port=port) as b:
             rec = Recorder(b.port, svc.topics.results)
             try:
-                wait_for(lambda: {m["sample_id"] for m in rec.json(svc.topics.results)} >= set(ids), timeout=60,
+                wait_for(lambda: {m["sample_id"] for m in rec.results(svc.topics.results)} >= set(ids), timeout=60,
                          what="all offline results published")
                 wait_for(lambda: svc.store.unpublished_count() == 0, what="all acknowledged")
             finally:

@@ -106,7 +106,7 @@ def test_start_ready_status_journal_and_a_spool_input(container, broker, fmnist)
         drop_image(c, "first.png", encode_png(fmnist["test"].images[0]))
         wait_for(lambda: c.run("test", "-e", "/var/lib/edge-infer/spool/done/first.png", check=False).returncode == 0,
                  timeout=20, what="spool file classified")
-        wait_for(lambda: any(r["source"] == "first.png" for r in rec.json(f"edge-infer/{dev}/results")),
+        wait_for(lambda: any(r["source"] == "first.png" for r in rec.results(f"edge-infer/{dev}/results")),
                  what="result published")
         assert db_query(c, "select source from results") == [["first.png"]]
         print(f"\nstart to active: {time.monotonic() - t0:.1f}s; STATUS={st}")

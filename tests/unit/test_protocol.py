@@ -75,3 +75,14 @@ def test_bad_replies_are_rejected(payload, cd, code):
     with pytest.raises(ProtocolError) as exc:
         protocol.parse_reply(payload, cd, num_labels=10)
     assert exc.value.code == code
+
+
+def test_results_message_round_trip_and_envelope_check():
+    from edge_infer.result import Result
+    rs = [Result(sample_id=f"s{i}", label=i, label_name=str(i), confidence=0.5, origin="edge", state="final",
+                 offloaded=False, edge_label=i, edge_confidence=0.5, model_id="m:1", created_at=1.0) for i in range(3)]
+    out = protocol.decode_results(protocol.encode_results(rs, "dev-1"))
+    assert [r["sample_id"] for r in out] == ["s0", "s1", "s2"] and out[2]["edge"]["label"] == 2
+    for bad in (b"nope", b'{"v":1}', b'{"v":2,"results":[]}'):
+        with pytest.raises(ProtocolError):
+            protocol.decode_results(bad)
