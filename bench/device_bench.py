@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -56,6 +57,11 @@ def service_loop(svc: EdgeService, images: np.ndarray) -> tuple[float, float]:
     while svc.store.unpublished_count() or svc.store.outbox_counts()["queued"]:
         time.sleep(0.002)
     return t1 - t0, time.perf_counter() - t0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime + stime
 
 
 def peak_memory(tmp: Path, port: int, images: np.ndarray, threshold: float) -> dict:
@@ -112,10 +118,12 @@ def main() -> int:
             svc.start()
             while not svc.link.connected.is_set():
                 time.sleep(0.01)
-            bare_s, call_s, svc_s = [], [], []
+            bare_s, call_s, svc_s, broker_cpu = [], [], [], []
             for _ in range(args.rounds):
                 bare_s.append(bare_loop(backend, tensors))
+                c0 = cpu_seconds(broker.proc.pid)
                 calls, total = service_loop(svc, images)   # returns once the service is idle again
+                broker_cpu.append(cpu_seconds(broker.proc.pid) - c0)
                 call_s.append(calls)
                 svc_s.append(total)
             offload_share = svc.counters.get("offloaded") / max(svc.counters.get("classified"), 1)
@@ -126,12 +134,14 @@ def main() -> int:
     bare_us = statistics.median(bare_s) / n * 1e6
     call_us = statistics.median(call_s) / n * 1e6
     svc_us = statistics.median(svc_s) / n * 1e6
+    broker_us = statistics.median(broker_cpu) / n * 1e6
     report = {
         "images": n, "rounds": args.rounds, "runtime": backend.runtime, "model": card.model_id,
         "threshold": args.threshold, "offload_share": round(offload_share, 4),
         "bare_us_per_input": round(bare_us, 1), "classify_call_us_per_input": round(call_us, 1),
         "service_us_per_input": round(svc_us, 1),
         "service_overhead_us_per_input": round(svc_us - bare_us, 1),
+        "broker_cpu_us_per_input": round(broker_us, 1),
         "service_vs_bare_throughput_ratio": round(bare_us / svc_us, 3),
         "bare_inputs_per_s": round(1e6 / bare_us), "service_inputs_per_s": round(1e6 / svc_us),
         "memory": mem,
@@ -142,6 +152,8 @@ def main() -> int:
     print(f"  service, sustained      {svc_us:8.1f} us/input  {1e6 / svc_us:8.0f}/s   "
           f"(until stored and published; offloaded {offload_share:.1%})")
     print(f"  service overhead        {svc_us - bare_us:8.1f} us/input  (goal < 100)")
+    print(f"  of which the broker     {broker_us:8.1f} us/input of CPU (Mosquitto shares these 2 cores here; "
+          f"on a device the broker is remote)")
     print(f"  throughput ratio        {bare_us / svc_us:8.3f}  (service / bare)")
     print(f"  peak RSS of `edge-infer run` over {mem['classified']} spool files: {mem['peak_rss_mb']} MB (goal < 120)")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,9 @@ def test_probabilities_output_is_used_as_is():
     spec = OutputSpec("probabilities", "float32", None)
     pred = max_softmax(probabilities(np.array([[0.2, 0.7, 0.1]], dtype=np.float32), spec))
     assert pred.label == 1 and pred.confidence == pytest.approx(0.7)
+    assert top1(np.array([[0.2, 0.7, 0.1]], dtype=np.float32), spec) == pred
+    q = OutputSpec("probabilities", "uint8", Quantization(1 / 256, 0))
+    assert top1(np.array([[10, 200, 46]], dtype=np.uint8), q).confidence == pytest.approx(200 / 256)
 
 
 def test_batch_scores_match_single():
