@@ -118,3 +118,19 @@ def test_run_stops_cleanly_on_sigterm_and_reports_bad_config(tmp_path, broker, r
     bad.write_text(cfg.read_text().replace("[mqtt]", "[mqtt]\nport_number = 3"))
     p = run("-m", "edge_infer", "run", "--config", str(bad))
     assert p.returncode == 2 and "mqtt.port_number" in p.stderr
+
+
+def test_classify_and_backends_commands(tmp_path, fmnist):
+    img = tmp_path / "coat.png"
+    img.write_bytes(encode_png(fmnist["test"].images[0]))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    cfg = device_toml(tmp_path, 1883)
+    p = run("-m", "edge_infer", "classify", "--config", str(cfg), str(img), str(bad))
+    assert p.returncode == 1                          # one input failed
+    lines = [json.loads(x) for x in p.stdout.splitlines()]
+    assert lines[0]["source"] == str(img) and lines[0]["label"] == int(fmnist["test"].labels[0])
+    assert 0 < lines[0]["confidence"] <= 1 and "would_offload" in lines[0]
+    assert lines[1]["source"] == str(bad) and "not a decodable image" in lines[1]["error"]
+    p = run("-m", "edge_infer", "backends")
+    assert p.returncode == 0 and "tflite-cpu: ok (ai-edge-litert" in p.stdout
