@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(mosquitto dataset-fashion-mnist)
 # dev: systemd-python builds against libsystemd; the service tests boot systemd-nspawn containers
-[ "${1:-}" = dev ] && APT_PACKAGES+=(libsystemd-dev pkg-config systemd systemd-container)
+[ "${1:-}" = dev ] && APT_PACKAGES+=(libsystemd-dev pkg-config systemd systemd-container openssl)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
