@@ -148,8 +148,12 @@ def _resolve_paths(cfg: DeviceConfig, base: Path) -> DeviceConfig:
     def rel(p: Path | None) -> Path | None:
         return p if p is None or p.is_absolute() else (base / p)
 
+    tls = cfg.mqtt.tls
+    if tls is not None:
+        tls = replace(tls, ca_file=rel(tls.ca_file), cert_file=rel(tls.cert_file), key_file=rel(tls.key_file))
     return replace(
         cfg,
+        mqtt=replace(cfg.mqtt, tls=tls),
         state_dir=rel(cfg.state_dir),
         model=replace(cfg.model, card=rel(cfg.model.card)),
         policy=replace(cfg.policy, router_file=rel(cfg.policy.router_file)),

@@ -43,8 +43,11 @@ def test_bad_values_are_named(table, needle):
 def test_int_is_accepted_for_float_and_relative_paths_resolve(tmp_path: Path):
     f = tmp_path / "edge-infer.toml"
     f.write_text('device_id = "d1"\nstate_dir = "state"\n[model]\ncard = "models/card.json"\n'
-                 '[policy]\nthreshold = 1\n[spool]\ndir = "spool"\n')
+                 '[policy]\nthreshold = 1\n[spool]\ndir = "spool"\n'
+                 '[mqtt.tls]\nca_file = "pki/ca.pem"\ncert_file = "/abs/d1.pem"\nkey_file = "pki/d1.key"\n')
     cfg = load_device_config(f)
+    assert cfg.mqtt.tls.ca_file == tmp_path / "pki/ca.pem" and cfg.mqtt.tls.key_file == tmp_path / "pki/d1.key"
+    assert str(cfg.mqtt.tls.cert_file) == "/abs/d1.pem"
     assert cfg.policy.threshold == 1.0
     assert cfg.model.card == tmp_path / "models/card.json"
     assert cfg.state_dir == tmp_path / "state" and cfg.spool.dir == tmp_path / "spool"
