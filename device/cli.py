@@ -58,9 +58,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    service = EdgeService(cfg)
+    from .confidence import RouterFileError
+    from .modelcard import ModelCardError
     try:
+        service = EdgeService(cfg)
         service.start()
+    except (ModelCardError, RouterFileError) as exc:
+        # The operator must act (a restart would fail the same way): exit 2, like a config error.
+        log.error("cannot start: %s", exc)
+        notifier.status(f"cannot start: {exc}")
+        return 2
     except Exception as exc:
         log.error("cannot start: %s", exc)
         notifier.status(f"cannot start: {exc}")

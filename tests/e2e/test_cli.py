@@ -134,3 +134,11 @@ def test_classify_and_backends_commands(tmp_path, fmnist):
     assert lines[1]["source"] == str(bad) and "not a decodable image" in lines[1]["error"]
     p = run("-m", "edge_infer", "backends")
     assert p.returncode == 0 and "tflite-cpu: ok (ai-edge-litert" in p.stdout
+
+
+def test_run_with_a_missing_model_exits_2_with_one_clear_line(tmp_path):
+    cfg = device_toml(tmp_path, 1883)
+    cfg.write_text(cfg.read_text().replace(str(EDGE_CARD), str(tmp_path / "nope" / "card.json")))
+    p = run("-m", "edge_infer", "run", "--config", str(cfg))
+    assert p.returncode == 2
+    assert "model card" in p.stderr and "not found" in p.stderr and "Traceback" not in p.stderr
