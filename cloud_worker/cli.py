@@ -31,9 +31,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    from edge_infer.modelcard import ModelCardError
     worker = CloudWorker(cfg)
     try:
         worker.start()
+    except ModelCardError as exc:
+        log.error("cannot start: %s", exc)   # the operator must act: no restart loop (exit 2)
+        return 2
     except Exception as exc:
         log.error("cannot start: %s", exc)
         return 1
