@@ -128,6 +128,18 @@ def main() -> int:
                 svc_s.append(total)
             offload_share = svc.counters.get("offloaded") / max(svc.counters.get("classified"), 1)
             svc.stop()
+            # the same with offloading off: what every input costs, apart from offloaded samples
+            local_cfg = DeviceConfig(device_id="bench-local", state_dir=tmp / "state-local", model=cfg.model,
+                                     policy=PolicyConfig(threshold=args.threshold, offload=False), mqtt=cfg.mqtt)
+            svc = EdgeService(local_cfg)
+            svc.start()
+            while not svc.link.connected.is_set():
+                time.sleep(0.01)
+            local_s = []
+            for _ in range(args.rounds):
+                bare_s.append(bare_loop(backend, tensors))
+                local_s.append(service_loop(svc, images)[1])
+            svc.stop()
             mem = peak_memory(tmp, broker.port, images[: args.memory_files], args.threshold)
 
     n = len(images)
@@ -135,6 +147,8 @@ def main() -> int:
     call_us = statistics.median(call_s) / n * 1e6
     svc_us = statistics.median(svc_s) / n * 1e6
     broker_us = statistics.median(broker_cpu) / n * 1e6
+    local_us = statistics.median(local_s) / n * 1e6
+    per_offload_us = (svc_us - local_us) / offload_share if offload_share else None
     report = {
         "images": n, "rounds": args.rounds, "runtime": backend.runtime, "model": card.model_id,
         "threshold": args.threshold, "offload_share": round(offload_share, 4),
@@ -142,6 +156,9 @@ def main() -> int:
         "service_us_per_input": round(svc_us, 1),
         "service_overhead_us_per_input": round(svc_us - bare_us, 1),
         "broker_cpu_us_per_input": round(broker_us, 1),
+        "service_no_offload_us_per_input": round(local_us, 1),
+        "service_overhead_no_offload_us_per_input": round(local_us - bare_us, 1),
+        "extra_us_per_offloaded_sample": None if per_offload_us is None else round(per_offload_us, 1),
         "service_vs_bare_throughput_ratio": round(bare_us / svc_us, 3),
         "bare_inputs_per_s": round(1e6 / bare_us), "service_inputs_per_s": round(1e6 / svc_us),
         "memory": mem,
@@ -152,6 +169,8 @@ def main() -> int:
     print(f"  service, sustained      {svc_us:8.1f} us/input  {1e6 / svc_us:8.0f}/s   "
           f"(until stored and published; offloaded {offload_share:.1%})")
     print(f"  service overhead        {svc_us - bare_us:8.1f} us/input  (goal < 100)")
+    print(f"  ... with offload off    {local_us - bare_us:8.1f} us/input  (results stored and published; "
+          f"each offloaded sample adds {per_offload_us or 0:.0f} us)")
     print(f"  of which the broker     {broker_us:8.1f} us/input of CPU (Mosquitto shares these 2 cores here; "
           f"on a device the broker is remote)")
     print(f"  throughput ratio        {bare_us / svc_us:8.3f}  (service / bare)")

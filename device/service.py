@@ -45,6 +45,8 @@ WAKE = object()               # put on the link worker's event queue: new work i
 RESULTS_WINDOW = 8
 RESULTS_BATCH = 64
 COALESCE_S = 0.001
+WRITE_BATCH = 256             # commit at once when this many results wait
+WRITE_COALESCE_S = 0.002      # otherwise wait this long for a batch to gather
 FRESH_MAX = 20_000            # results held in memory for publication; beyond, read back from the store
 STATUS_INTERVAL_S = 10.0
 MAINTENANCE_INTERVAL_S = 1.0
@@ -241,7 +243,8 @@ class EdgeService:
                 raise RuntimeError("EdgeService is not started")
             self._write_q.append((result, item))
             self._enqueued += 1
-            self._write_cv.notify()
+            if len(self._write_q) == 1 or len(self._write_q) >= WRITE_BATCH:
+                self._write_cv.notify()   # wake the writer: a new batch begins, or one is full
         self.counters.inc("classified")
         if offloaded:
             self.counters.inc("offloaded")
@@ -270,12 +273,16 @@ class EdgeService:
         """
         with self._write_cv:
             target = self._enqueued
+            self._write_cv.notify_all()   # cut the writer's wait for a fuller batch short
             return self._write_cv.wait_for(lambda: self._committed >= target or self._writer is None, timeout)
 
     def _run_writer(self) -> None:
         while True:
             with self._write_cv:
                 self._write_cv.wait_for(lambda: self._write_q or self._writer_stop)
+                if not self._writer_stop and len(self._write_q) < WRITE_BATCH:
+                    # Group commit: let a burst gather (one commit costs ~100 us, a row in a batch ~17 us).
+                    self._write_cv.wait(WRITE_COALESCE_S)
                 batch, self._write_q = self._write_q, []
                 if not batch and self._writer_stop:
                     return
