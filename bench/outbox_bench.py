@@ -32,6 +32,7 @@ import paho.mqtt.client as mqtt  # noqa: E402
 from edge_infer.config import DeviceConfig, ModelConfig, MqttConfig, OutboxConfig, PolicyConfig  # noqa: E402
 from edge_infer.datasets import load_fashion_mnist  # noqa: E402
 from edge_infer.localbroker import LocalBroker, free_port  # noqa: E402
+from edge_infer.mqtt_link import pack_user_properties  # noqa: E402
 from edge_infer.preprocess import encode_sample  # noqa: E402
 from edge_infer.result import Result  # noqa: E402
 from edge_infer.store import OutboxItem, Store  # noqa: E402
@@ -46,7 +47,7 @@ def entries(images: np.ndarray) -> list[tuple[Result, OutboxItem]]:
         payload, ctype = encode_sample(im)
         r = Result(sample_id=sid, label=1, label_name="x", confidence=0.5, origin="edge", state="provisional",
                    offloaded=True, edge_label=1, edge_confidence=0.5, model_id="m:1", created_at=time.time())
-        out.append((r, OutboxItem(sid, r.created_at, ctype, payload, (("k", "v"),))))
+        out.append((r, OutboxItem(sid, r.created_at, ctype, payload, pack_user_properties([("k", "v")]))))
     return out
 
 

@@ -198,6 +198,7 @@ def run_demo(args: argparse.Namespace) -> int:
             stream_s = time.perf_counter() - t0
             bar.update(n)
             bar.close()
+            service.flush()
 
             offloaded = service.counters.get("offloaded")
             bar = Progress(offloaded, "corrections", enabled=show)

@@ -26,7 +26,7 @@ from . import __version__, protocol
 from .backends import BackendOptions, create_backend
 from .config import DeviceConfig
 from .modelcard import load_card, verified_model_bytes
-from .mqtt_link import Connected, Disconnected, MqttLink, Published, Received
+from .mqtt_link import Connected, Disconnected, MqttLink, Published, Received, pack_user_properties
 from .policy import OffloadPolicy
 from .preprocess import CONTENT_TYPES, ImageError, Preprocessor, decode_image, encode_sample
 from .result import Result
@@ -63,6 +63,7 @@ class EdgeService:
                                     pc.max_bytes_per_hour)
         self._budget = self.policy.initial_budget(time.monotonic())
         self._budget_lock = threading.Lock()
+        self._has_budget = bool(pc.max_samples_per_minute or pc.max_bytes_per_hour)
         self._rng = random.Random()
         self.card = load_card(cfg.model.card)
         self.pre = Preprocessor(self.card.input)
@@ -218,8 +219,11 @@ class EdgeService:
                 offload_error = f"payload of {len(payload)} bytes exceeds outbox.max_payload_bytes"
                 self.counters.inc("offload_skipped_too_large")
             else:
-                with self._budget_lock:
-                    admitted, why, self._budget = self.policy.admit(self._budget, time.monotonic(), len(payload))
+                admitted, why = True, ""
+                if self._has_budget:
+                    with self._budget_lock:
+                        admitted, why, self._budget = self.policy.admit(self._budget, time.monotonic(),
+                                                                        len(payload))
                 if not admitted:
                     # Over budget: the local answer stands. Counted, not logged per input.
                     reason = why
@@ -227,7 +231,8 @@ class EdgeService:
                 else:
                     meta = protocol.SampleMeta(sample_id, self.cfg.device_id, self.card.model_id, pred.label,
                                                pred.confidence, now, decision.reason)
-                    item = OutboxItem(sample_id, now, ctype, payload, tuple(protocol.sample_properties(meta)))
+                    item = OutboxItem(sample_id, now, ctype, payload,
+                                      pack_user_properties(protocol.sample_properties(meta)))
         offloaded = item is not None
         result = Result(
             sample_id=sample_id, label=pred.label, label_name=self.card.labels[pred.label],
@@ -245,11 +250,7 @@ class EdgeService:
             self._enqueued += 1
             if len(self._write_q) == 1 or len(self._write_q) >= WRITE_BATCH:
                 self._write_cv.notify()   # wake the writer: a new batch begins, or one is full
-        self.counters.inc("classified")
-        if offloaded:
-            self.counters.inc("offloaded")
-            if decision.reason == "audit":
-                self.counters.inc("offloaded_audit")
+
         self._last_progress = time.monotonic()
         if waiter is not None:
             try:
@@ -299,6 +300,10 @@ class EdgeService:
             if self.link is not None:
                 self._fresh.extend(Due(seq, r) for seq, (r, _) in zip(outcome.seqs, batch))
                 self._fresh.extend(outcome.evicted)
+            # counted here, once per batch, to keep the lock off the caller's path
+            offloaded = [r for r, item in batch if item is not None]
+            self.counters.add({"classified": len(batch), "offloaded": len(offloaded),
+                               "offloaded_audit": sum(r.offload_reason == "audit" for r in offloaded)})
             if outcome.evicted:
                 self.counters.inc("evicted", len(outcome.evicted))
                 self._log_evictions(len(outcome.evicted))
@@ -531,7 +536,7 @@ class EdgeService:
                 rc, mid = self.link.publish(
                     self.topics.samples, it.payload, content_type=it.content_type,
                     response_topic=self.topics.corrections, correlation_data=it.sample_id.encode(),
-                    user_properties=list(it.props))
+                    packed_user_properties=it.user_props)
             except ValueError as exc:  # e.g. larger than MQTT allows
                 self._sample_refused(it.sample_id, str(exc))
                 continue

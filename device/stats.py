@@ -14,6 +14,12 @@ class Counters:
         with self._lock:
             self._c[name] += n
 
+    def add(self, amounts: dict[str, int]) -> None:
+        with self._lock:
+            for name, n in amounts.items():
+                if n:
+                    self._c[name] += n
+
     def get(self, name: str) -> int:
         with self._lock:
             return self._c[name]

@@ -20,7 +20,6 @@ published after reconnecting and nothing is lost between the two tables.
 """
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import threading
@@ -71,13 +70,13 @@ CREATE TABLE IF NOT EXISTS outbox (
     content_type TEXT NOT NULL,
     payload      BLOB,
     size         INTEGER NOT NULL DEFAULT 0,
-    props        TEXT NOT NULL,
+    user_props   BLOB NOT NULL,
     attempts     INTEGER NOT NULL DEFAULT 0,
     applied      INTEGER NOT NULL DEFAULT 0,
     last_error   TEXT
 );
 CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state, seq);
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;
 """
 
 _RESULT_COLS = ("sample_id, created_at, source, model, edge_label, edge_conf, label, label_name, confidence, "
@@ -90,7 +89,8 @@ class OutboxItem:
     created_at: float
     content_type: str
     payload: bytes
-    props: tuple[tuple[str, str], ...]
+    #: MQTT v5 user properties, packed as sent (opaque to the store)
+    user_props: bytes
 
 
 @dataclass(frozen=True)
@@ -214,14 +214,15 @@ class Store:
                          result.offload_error, result.offload_reason, seq, result.source_key))
             if item is not None:
                 samples.append((item.sample_id, item.created_at, item.created_at, "queued", item.content_type,
-                                item.payload, len(item.payload), json.dumps(item.props)))
+                                item.payload, len(item.payload), item.user_props))
         with self._tx() as db:
             db.executemany(f"INSERT INTO results ({_RESULT_COLS}, pub_seq, source_key) "
                            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                            rows)
             if samples:
                 db.executemany(
-                    "INSERT INTO outbox (sample_id, created_at, updated_at, state, content_type, payload, size, props) "
+                    "INSERT INTO outbox (sample_id, created_at, updated_at, state, content_type, payload, size, "
+                    "user_props) "
                     "VALUES (?,?,?,?,?,?,?,?)", samples)
                 self._held_bytes += sum(s[6] for s in samples)
                 if self.max_bytes is not None and self._held_bytes > self.max_bytes:
@@ -283,9 +284,9 @@ class Store:
     def queued_samples(self, limit: int) -> list[OutboxItem]:
         with self._read() as db:
             rows = db.execute(
-                "SELECT sample_id, created_at, content_type, payload, props FROM outbox WHERE state='queued' "
+                "SELECT sample_id, created_at, content_type, payload, user_props FROM outbox WHERE state='queued' "
                 "ORDER BY seq LIMIT ?", (limit,)).fetchall()
-        return [OutboxItem(r[0], r[1], r[2], r[3], tuple(tuple(p) for p in json.loads(r[4]))) for r in rows]
+        return [OutboxItem(*r) for r in rows]
 
     def commit_progress(self, *, inflight: list[str], delivered: list[str],
                         acked_results: list[tuple[str, int]]) -> None:

@@ -35,3 +35,10 @@ def test_round_trip_through_paho_unpack():
     p.unpack(packed)
     assert p.ContentType == "image/png" and p.ResponseTopic == "a/b" and p.CorrelationData == b"id-1"
     assert p.UserProperty == [("x", "y")]
+
+
+def test_prepacked_user_properties_give_the_same_bytes():
+    from edge_infer.mqtt_link import pack_user_properties
+    ups = [("v", "1"), ("model", "m:1"), ("reason", "audit")]
+    assert pack_publish_properties("image/png", "a/b", b"id", packed_user_properties=pack_user_properties(ups)) == \
+        paho_pack("image/png", "a/b", b"id", ups)

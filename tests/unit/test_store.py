@@ -14,7 +14,7 @@ def make(sid: str, offloaded: bool = True, created: float | None = None,
     r = Result(sample_id=sid, label=1, label_name="b", confidence=0.4, origin="edge",
                state="provisional" if offloaded else "final", offloaded=offloaded, edge_label=1,
                edge_confidence=0.4, model_id="m:1", created_at=now)
-    item = OutboxItem(sid, now, "image/png", payload, (("k", "v"),)) if offloaded else None
+    item = OutboxItem(sid, now, "image/png", payload, b"\x26\x00\x01k\x00\x01v") if offloaded else None
     return r, item
 
 
@@ -30,7 +30,7 @@ def test_outbox_state_machine_and_exactly_once_correction(store):
     store.record(*make("s1"))
     store.record(*make("s2", offloaded=False))
     assert [i.sample_id for i in store.queued_samples(10)] == ["s1"]
-    assert store.queued_samples(10)[0].props == (("k", "v"),)
+    assert store.queued_samples(10)[0].user_props == b"\x26\x00\x01k\x00\x01v"
     store.mark_inflight(["s1"])
     assert store.queued_samples(10) == []
     store.mark_delivered(["s1"])
