@@ -15,7 +15,6 @@ import os
 import queue
 import random
 from collections import deque
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 

@@ -15,7 +15,6 @@ models/evaluate.py), plus checkpoints/logs under models/.cache/ (git-ignored).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -158,7 +157,7 @@ def main() -> None:
     if args.bench:
         model.train()
         t0 = time.perf_counter()
-        for step in range(50):
+        for _ in range(50):
             idx = torch.randint(0, len(x_train), (args.batch_size,), generator=gen)
             xb = augment(x_train[idx], gen)
             loss = loss_fn(model(xb), y_train[idx])

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from edge_infer.preprocess import decode_image
-from edge_infer.protocol import Topics
 from edge_infer.service import EdgeService
 from edge_infer_cloud.model import CloudModel
 from edge_infer_cloud.worker import CloudWorker
