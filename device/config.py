@@ -97,7 +97,8 @@ class OutboxConfig:
                                                     "beyond it the oldest are evicted (counted, local answers stay)",
                             check=positive)
     resend_after_s: float = option(120.0, help="a delivered sample with no reply after this is sent again "
-                                               "(the broker may have had no worker for it)", check=positive)
+                                               "(the broker may have had no worker for it); the wait doubles "
+                                               "with each attempt, up to 64x", check=positive)
     max_payload_bytes: int = option(1024 * 1024, help="largest sample payload accepted for offload",
                                     check=positive)
 

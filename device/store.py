@@ -348,12 +348,15 @@ class Store:
 
         The broker's PUBACK only means the broker has the sample: with no worker
         subscribed yet, or a broker restarted without persistence, it is gone.
-        Sending again is safe because corrections are applied once.
+        Sending again is safe because corrections are applied once. The wait
+        doubles with every attempt (up to 64x), so a cloud that is merely slow
+        is not flooded with copies of its own backlog.
         """
         now = time.time() if now is None else now
         with self._tx() as db:
             return db.execute("UPDATE outbox SET state='queued', updated_at=? WHERE state='delivered' "
-                              "AND updated_at < ?", (now, now - after_s)).rowcount
+                              "AND updated_at < ? - ? * (1 << MIN(MAX(attempts - 1, 0), 6))",
+                              (now, now, after_s)).rowcount
 
     # ------------------------------------------------------------ replies
     def apply_correction(self, c: Correction, now: float | None = None) -> ApplyOutcome:

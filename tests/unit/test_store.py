@@ -126,8 +126,13 @@ def test_delivered_without_reply_is_resent(store):
     store.mark_inflight(["a"])
     store.mark_delivered(["a"])
     assert store.resend_stale(after_s=60) == 0
-    assert store.resend_stale(after_s=60, now=time.time() + 61) == 1
+    t = time.time()
+    assert store.resend_stale(after_s=60, now=t + 61) == 1           # first attempt: after 60 s
     assert [i.sample_id for i in store.queued_samples(5)] == ["a"]
+    store.mark_inflight(["a"])                                        # attempt 2
+    store.mark_delivered(["a"])
+    assert store.resend_stale(after_s=60, now=time.time() + 61) == 0  # now it waits 120 s
+    assert store.resend_stale(after_s=60, now=time.time() + 121) == 1
 
 
 def test_byte_budget_evicts_oldest_uncorrected_first(tmp_path):
