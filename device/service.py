@@ -1,19 +1,20 @@
 """The edge-infer device service: classify locally, offload when unsure.
 
 ``EdgeService`` composes the parts: model card + backend + preprocessor
-(inference), the threshold policy, the SQLite store (results + outbox), the
+(inference), the offload policy, the SQLite store (results + outbox), the
 MQTT link, and the spool watcher. ``classify()`` answers at once from the
-local model; everything that touches the network happens on one background
-thread (the link worker), which drains the store when connected.
+local model and hands the result to the store writer thread, which commits in
+batches; everything that touches the network happens on one more thread (the
+link worker), which publishes what is committed when connected.
 """
 from __future__ import annotations
 
 import logging
-import threading
-import time
 import os
 import queue
 import random
+import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,8 @@ from .modelcard import load_card, verified_model_bytes
 from .mqtt_link import Connected, Disconnected, MqttLink, Published, Received, pack_user_properties
 from .policy import OffloadPolicy
 from .preprocess import CONTENT_TYPES, ImageError, Preprocessor, decode_image, encode_sample
-from .result import Result
 from .confidence import ScoreParams, as_score_logits, load_router, make_scorer
+from .result import Result
 from .scores import Prediction, dequantize, top1
 from .spool import SpoolWatcher
 from .stats import Counters
