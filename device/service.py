@@ -415,13 +415,15 @@ class EdgeService:
     def _shutdown_link(self) -> None:
         """Publish the offline status (the will covers crashes) and give acks a moment to arrive."""
         assert self.link is not None
-        if not self.link.connected.is_set():
-            return
-        rc, mid = self.link.publish(self.topics.status, protocol.offline_status(self.cfg.device_id), retain=True)
-        self._mids[mid] = ("status", "", 0)
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline and ("status", "", 0) in self._mids.values():
-            self._drain_events(timeout=0.05)
+        if self.link.connected.is_set():
+            rc, mid = self.link.publish(self.topics.status, protocol.offline_status(self.cfg.device_id), retain=True)
+            self._mids[mid] = ("status", "", 0)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline and ("status", "", 0) in self._mids.values():
+                self._drain_events(timeout=0.05)
+        # Keep what the broker acknowledged meanwhile, so the next start does not send it again.
+        self._drain_events()
+        self._commit_progress()
 
     def _drain_events(self, timeout: float = 0.0) -> None:
         assert self.link is not None
