@@ -130,6 +130,27 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return rc
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """What the device's store holds, read directly (works while the service runs, and offline)."""
+    from .store import Store
+    cfg = _load(args.config)
+    db = Path(cfg.state_dir) / "edge-infer.db"
+    if not db.exists():
+        print(f"no state database at {db}: the service has not run with this config yet", file=sys.stderr)
+        return 1
+    store = Store(db)
+    store.open(requeue=False)   # read-only use: never touch a running service's in-flight rows
+    try:
+        audit = store.audit()
+        report = {"device": cfg.device_id, "database": str(db), "outbox": store.outbox_counts(),
+                  "results": audit["results"], "offloaded": audit["offloaded"],
+                  "corrected": audit["corrected_results"], "results_unpublished": store.unpublished_count()}
+    finally:
+        store.close()
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_backends(args: argparse.Namespace) -> int:
     from .backends import available
     for name, state in available().items():
@@ -155,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--config", "-c", default="/etc/edge-infer/edge-infer.toml")
     k.add_argument("images", nargs="+")
     k.set_defaults(func=cmd_classify)
+    st = sub.add_parser("status", help="outbox and results held in the device's store (no broker needed)")
+    st.add_argument("--config", "-c", default="/etc/edge-infer/edge-infer.toml")
+    st.set_defaults(func=cmd_status)
     b = sub.add_parser("backends", help="list inference backends and whether they load here")
     b.set_defaults(func=cmd_backends)
     from .calibrate import add_calibrate_arguments, run_calibrate

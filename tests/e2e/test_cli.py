@@ -92,6 +92,10 @@ def test_run_serves_the_spool_and_the_last_will_reports_a_crash(tmp_path, broker
         os.rename(spool / ".x", spool / "img.png")
         wait_for(lambda: (spool / "done" / "img.png").exists(), what="spool file classified")
         wait_for(lambda: any(r["source"] == "img.png" for r in rec.results(results_topic)), what="result published")
+        st = run("-m", "edge_infer", "status", "--config", str(cfg))      # beside the running service
+        assert st.returncode == 0, st.stderr
+        report = json.loads(st.stdout)
+        assert report["device"] == dev and report["results"] == 1 and report["results_unpublished"] == 0
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         # keepalive 30 s is too slow for a test; the broker notices the closed socket at once
