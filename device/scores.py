@@ -34,13 +34,6 @@ def probabilities(raw: np.ndarray, spec: OutputSpec) -> np.ndarray:
     return softmax(values) if spec.kind == "logits" else values
 
 
-def max_softmax(probs: np.ndarray) -> Prediction:
-    """The reference score: the top class and its probability (one sample)."""
-    flat = probs.reshape(-1)
-    label = int(flat.argmax())
-    return Prediction(label, float(flat[label]))
-
-
 def max_softmax_batch(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     labels = probs.argmax(axis=-1)
     return labels, np.take_along_axis(probs, labels[:, None], axis=-1)[:, 0]

@@ -92,7 +92,6 @@ class EdgeService:
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
         self._started_at = 0.0
-        self._last_progress = time.monotonic()
         # link-worker state (touched only by the link worker thread)
         self._mids: dict[int, tuple[str, str, int]] = {}
         self._result_batches: dict[int, list[tuple[str, int]]] = {}
@@ -251,7 +250,6 @@ class EdgeService:
             if len(self._write_q) == 1 or len(self._write_q) >= WRITE_BATCH:
                 self._write_cv.notify()   # wake the writer: a new batch begins, or one is full
 
-        self._last_progress = time.monotonic()
         if waiter is not None:
             try:
                 if waiter.wait(wait_for_cloud):
@@ -333,11 +331,6 @@ class EdgeService:
         with self._write_cv:
             self._writer = None
             self._write_cv.notify_all()
-
-    @property
-    def last_progress(self) -> float:
-        """time.monotonic() of the last classified input."""
-        return self._last_progress
 
     def healthy(self, max_invoke_s: float = 10.0) -> tuple[bool, str]:
         """Is the inference loop making progress? (what the systemd watchdog pings on)

@@ -275,11 +275,6 @@ class Store:
                 "AND pub_seq <= ? ORDER BY pub_seq LIMIT ?", (after_seq, upto, limit)).fetchall()
         return [Due(r[0], _row_to_result(r[1:])) for r in rows]
 
-    def ack_results(self, acks: Iterable[tuple[str, int]]) -> None:
-        with self._tx() as db:
-            db.executemany("UPDATE results SET acked_seq=? WHERE sample_id=? AND acked_seq < ?",
-                           [(seq, sid, seq) for sid, seq in acks])
-
     # ------------------------------------------------------------ outbox
     def queued_samples(self, limit: int) -> list[OutboxItem]:
         with self._read() as db:
@@ -288,9 +283,11 @@ class Store:
                 "ORDER BY seq LIMIT ?", (limit,)).fetchall()
         return [OutboxItem(*r) for r in rows]
 
-    def commit_progress(self, *, inflight: list[str], delivered: list[str],
-                        acked_results: list[tuple[str, int]]) -> None:
-        """The link worker's state changes of one turn, in one transaction (in this order)."""
+    def commit_progress(self, *, inflight: Iterable[str] = (), delivered: Iterable[str] = (),
+                        acked_results: Iterable[tuple[str, int]] = ()) -> None:
+        """State changes of the link worker, in one transaction (in this order): samples handed
+        to the broker (queued -> inflight), samples it acknowledged (inflight -> delivered), and
+        result publications it acknowledged."""
         now = time.time()
         with self._tx() as db:
             db.executemany("UPDATE outbox SET state='inflight', attempts=attempts+1, updated_at=? "
@@ -299,18 +296,6 @@ class Store:
                            [(now, s) for s in delivered])
             db.executemany("UPDATE results SET acked_seq=? WHERE sample_id=? AND acked_seq < ?",
                            [(seq, sid, seq) for sid, seq in acked_results])
-
-    def mark_inflight(self, sample_ids: list[str]) -> None:
-        now = time.time()
-        with self._tx() as db:
-            db.executemany("UPDATE outbox SET state='inflight', attempts=attempts+1, updated_at=? "
-                           "WHERE sample_id=? AND state='queued'", [(now, s) for s in sample_ids])
-
-    def mark_delivered(self, sample_ids: list[str]) -> None:
-        now = time.time()
-        with self._tx() as db:
-            db.executemany("UPDATE outbox SET state='delivered', updated_at=? WHERE sample_id=? AND state='inflight'",
-                           [(now, s) for s in sample_ids])
 
     def mark_failed(self, sample_id: str, reason: str) -> Due | None:
         """The broker refused the sample: it is not retried; the local answer becomes final."""

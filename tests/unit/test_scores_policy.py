@@ -3,7 +3,13 @@ import pytest
 
 from edge_infer.modelcard import OutputSpec, Quantization
 from edge_infer.policy import Decision, OffloadPolicy
-from edge_infer.scores import dequantize, max_softmax, max_softmax_batch, probabilities, softmax, top1
+from edge_infer.scores import Prediction, dequantize, max_softmax_batch, probabilities, softmax, top1
+
+
+def max_softmax(probs: np.ndarray) -> Prediction:
+    """The reference: top class and its probability, straight from the definition."""
+    flat = probs.reshape(-1)
+    return Prediction(int(flat.argmax()), float(flat.max()))
 
 
 def test_softmax_is_stable_and_normalised():

@@ -31,9 +31,9 @@ def test_outbox_state_machine_and_exactly_once_correction(store):
     store.record(*make("s2", offloaded=False))
     assert [i.sample_id for i in store.queued_samples(10)] == ["s1"]
     assert store.queued_samples(10)[0].user_props == b"\x26\x00\x01k\x00\x01v"
-    store.mark_inflight(["s1"])
+    store.commit_progress(inflight=["s1"])
     assert store.queued_samples(10) == []
-    store.mark_delivered(["s1"])
+    store.commit_progress(delivered=["s1"])
     assert store.outbox_state("s1") == ("delivered", None)
     c = Correction("s1", 7, "sneaker", 0.99, "cloud:1", "w")
     first = store.apply_correction(c)
@@ -51,8 +51,8 @@ def test_inflight_samples_are_requeued_at_open(tmp_path):
     s.open()
     s.record(*make("a"))
     s.record(*make("b"))
-    s.mark_inflight(["a", "b"])
-    s.mark_delivered(["b"])
+    s.commit_progress(inflight=["a", "b"])
+    s.commit_progress(delivered=["b"])
     s.close()
     s2 = Store(tmp_path / "db")
     assert s2.open() == 1
@@ -65,7 +65,7 @@ def test_results_publication_sequence(store):
     store.record(*make("b"))
     pending = [(d.seq, d.result) for d in store.unpublished_results(0, 10)]
     assert [r.sample_id for _, r in pending] == ["a", "b"]
-    store.ack_results([(r.sample_id, seq) for seq, r in pending])
+    store.commit_progress(acked_results=[(r.sample_id, seq) for seq, r in pending])
     assert store.unpublished_count() == 0
     # a correction makes the result due for publication again, with a newer sequence
     out = store.apply_correction(Correction("b", 2, "c", 0.9, "cloud:1", "w"))
@@ -75,7 +75,7 @@ def test_results_publication_sequence(store):
     assert r.sample_id == "b" and r.state == "final" and seq > max(s for s, _ in pending)
     assert store.unpublished_results(0, 10, upto_seq=seq - 1) == []
     # an ack of the older publication does not count for the newer one
-    store.ack_results([("b", pending[1][0])])
+    store.commit_progress(acked_results=[("b", pending[1][0])])
     assert store.unpublished_count() == 1
 
 
@@ -94,10 +94,10 @@ def test_expiry_finalises_local_answer_and_late_correction_is_ignored(store):
 def test_refused_and_error_replies_make_the_local_answer_final(store):
     store.record(*make("a"))
     store.record(*make("b"))
-    store.mark_inflight(["a", "b"])
+    store.commit_progress(inflight=["a", "b"])
     r = store.mark_failed("a", "refused by broker: Not authorized").result
     assert r.state == "final" and "Not authorized" in r.offload_error
-    store.mark_delivered(["b"])
+    store.commit_progress(delivered=["b"])
     out = store.apply_error(ErrorReply("b", "bad_image", "cannot decode", "w"))
     assert out.reason == "applied" and out.result.state == "final" and "bad_image" in out.result.offload_error
     assert store.outbox_counts()["failed"] == 2
@@ -109,7 +109,7 @@ def test_prune_never_drops_unpublished_or_provisional(store):
     store.record(*make("p", created=999))
     assert store.prune_results(keep=2) == 0  # nothing published yet
     pending = store.unpublished_results(0, 10)
-    store.ack_results([(d.result.sample_id, d.seq) for d in pending])
+    store.commit_progress(acked_results=[(d.result.sample_id, d.seq) for d in pending])
     assert store.prune_results(keep=2) == 4   # 6 rows, the provisional one stays
     assert store.get_result("p") is not None and store.get_result("f4") is not None
 
@@ -123,14 +123,14 @@ def test_corrupt_database_gives_an_operator_message(tmp_path):
 
 def test_delivered_without_reply_is_resent(store):
     store.record(*make("a"))
-    store.mark_inflight(["a"])
-    store.mark_delivered(["a"])
+    store.commit_progress(inflight=["a"])
+    store.commit_progress(delivered=["a"])
     assert store.resend_stale(after_s=60) == 0
     t = time.time()
     assert store.resend_stale(after_s=60, now=t + 61) == 1           # first attempt: after 60 s
     assert [i.sample_id for i in store.queued_samples(5)] == ["a"]
-    store.mark_inflight(["a"])                                        # attempt 2
-    store.mark_delivered(["a"])
+    store.commit_progress(inflight=["a"])                                        # attempt 2
+    store.commit_progress(delivered=["a"])
     assert store.resend_stale(after_s=60, now=time.time() + 61) == 0  # now it waits 120 s
     assert store.resend_stale(after_s=60, now=time.time() + 121) == 1
 
@@ -140,7 +140,7 @@ def test_byte_budget_evicts_oldest_uncorrected_first(tmp_path):
     s.open()
     for i in range(3):
         assert s.record(*make(f"s{i}", payload=b"x" * 100)).evicted == []
-    s.mark_inflight(["s0"])                      # in paho's hands: never evicted
+    s.commit_progress(inflight=["s0"])                      # in paho's hands: never evicted
     evicted = s.record(*make("s3", payload=b"x" * 100)).evicted
     assert [d.result.sample_id for d in evicted] == ["s1"]   # the oldest that is not in flight
     assert evicted[0].result.state == "final"
