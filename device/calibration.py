@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .confidence import (
-    SCORES, DenseLayer, RouterParams, ScoreParams, feature_width, make_scorer, router_features, router_forward,
+    SCORES, DenseLayer, FittedRouter, RouterParams, ScoreParams, feature_width, make_scorer, router_features,
 )
 
 log = logging.getLogger(__name__)
@@ -346,19 +346,6 @@ def _fit_mlp(x: np.ndarray, y: np.ndarray, cfg: RouterTraining) -> tuple[tuple[n
             params[i] = params[i] - cfg.learning_rate * (m[i] / (1 - b1 ** step)) / (np.sqrt(v[i] / (1 - b2 ** step)) + eps)
     w1, c1, w2, c2 = params
     return (w1, w2), (c1, c2)
-
-
-@dataclass(frozen=True, eq=False)
-class FittedRouter:
-    """A router fitted on a raw feature matrix (any features: the bench also tries others)."""
-    mean: np.ndarray
-    scale: np.ndarray
-    weights: tuple[np.ndarray, ...]
-    biases: tuple[np.ndarray, ...]
-    activation: str
-
-    def predict(self, features: np.ndarray) -> np.ndarray:
-        return router_forward((features - self.mean) / self.scale, self.weights, self.biases, self.activation)
 
 
 def fit_router_arrays(features: np.ndarray, y: np.ndarray, cfg: RouterTraining) -> FittedRouter:

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from . import scores
+
 SCORES: tuple[str, ...] = ("max_softmax", "temperature", "margin", "entropy", "router")
 
 #: Router feature groups. Widths depend on the number of classes C.
@@ -126,10 +128,7 @@ def as_score_logits(values: np.ndarray, kind: str) -> np.ndarray:
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Row-wise softmax of ``logits / temperature`` in float64."""
-    z = _as_logits(logits) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return scores.softmax(_as_logits(logits) / temperature)
 
 
 def max_prob(probs: np.ndarray) -> np.ndarray:
@@ -189,18 +188,28 @@ def _activate(x: np.ndarray, activation: str) -> np.ndarray:
 
 
 @dataclass(frozen=True, eq=False)
-class _RouterArrays:
+class FittedRouter:
+    """A router as arrays: standardisation and dense layers over a raw feature matrix.
+
+    What calibration fits (on any features: the bench also tries others) and what
+    the device evaluates; :class:`RouterParams` is its serialisable form.
+    """
     mean: np.ndarray
     scale: np.ndarray
     weights: tuple[np.ndarray, ...]
     biases: tuple[np.ndarray, ...]
+    activation: str
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return router_forward((features - self.mean) / self.scale, self.weights, self.biases, self.activation)
 
 
-def _router_arrays(params: RouterParams) -> _RouterArrays:
-    return _RouterArrays(
+def _router_arrays(params: RouterParams) -> FittedRouter:
+    return FittedRouter(
         mean=np.asarray(params.mean, dtype=np.float64), scale=np.asarray(params.scale, dtype=np.float64),
         weights=tuple(np.asarray(l.weights, dtype=np.float64).reshape(l.n_in, l.n_out) for l in params.layers),
         biases=tuple(np.asarray(l.bias, dtype=np.float64) for l in params.layers),
+        activation=params.activation,
     )
 
 
@@ -247,8 +256,7 @@ def make_scorer(name: str, params: ScoreParams = ScoreParams()) -> Scorer:
             if z.shape[1] != router.num_classes:
                 raise ValueError(f"the router was trained for {router.num_classes} classes, the logits have "
                                  f"{z.shape[1]}: recalibrate for this model")
-            x = (router_features(z, router.features, router.temperature) - arrays.mean) / arrays.scale
-            return router_forward(x, arrays.weights, arrays.biases, router.activation)
+            return arrays.predict(router_features(z, router.features, router.temperature))
 
         return score
     raise ValueError(f"unknown score {name!r}; choose one of: {', '.join(SCORES)}")
