@@ -188,11 +188,14 @@ def run_demo(args: argparse.Namespace) -> int:
             while not service.link.connected.is_set() and time.monotonic() < deadline:
                 time.sleep(0.02)
 
-            ids = []
+            ids, unsure = [], []
             bar = Progress(n, "classify", enabled=show)
             t0 = time.perf_counter()
             for i in range(n):
-                ids.append(service.classify(images[i], source=f"fmnist-test-{i}").sample_id)
+                r = service.classify(images[i], source=f"fmnist-test-{i}")
+                ids.append(r.sample_id)
+                if r.offloaded:
+                    unsure.append(i)
                 if i % 64 == 0:
                     bar.update(i + 1)
             stream_s = time.perf_counter() - t0
@@ -215,8 +218,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
             # Latency without a backlog: unsure inputs at a modest pace once the queue is empty.
             paced_ids = []
-            unsure = [i for i, sid in enumerate(ids) if service.result(sid).offloaded][:args.paced]
-            for i in unsure:
+            for i in unsure[:args.paced]:
                 paced_ids.append(service.classify(images[i], source=f"paced-{i}").sample_id)
                 time.sleep(1.0 / args.paced_rate)
             deadline = time.monotonic() + 30

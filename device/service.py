@@ -50,6 +50,7 @@ WRITE_COALESCE_S = 0.002      # otherwise wait this long for a batch to gather
 FRESH_MAX = 20_000            # results held in memory for publication; beyond, read back from the store
 STATUS_INTERVAL_S = 10.0
 MAINTENANCE_INTERVAL_S = 1.0
+PRUNE_INTERVAL_S = 60.0       # counting the results table is not free; the keep limit is not exact anyway
 
 
 class EdgeService:
@@ -106,6 +107,7 @@ class EdgeService:
         self._pending_acked: list[tuple[str, int]] = []
         self._backlog_hi: int | None = None
         self._backlog_cursor = 0
+        self._next_prune = 0.0
 
     # ------------------------------------------------------------ lifecycle
     def start(self, *, connect: bool = True) -> None:
@@ -594,7 +596,10 @@ class EdgeService:
             self.counters.inc("expired", len(expired))
             log.warning("%d sample(s) expired after %.0fs without a correction; their local answers stand",
                         len(expired), self.cfg.outbox.max_age_s)
-        self.store.prune_results(self.cfg.results.keep)
+        now = time.monotonic()
+        if now >= self._next_prune:
+            self.store.prune_results(self.cfg.results.keep)
+            self._next_prune = now + PRUNE_INTERVAL_S
 
     def _publish_status(self) -> None:
         assert self.link is not None

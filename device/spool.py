@@ -106,10 +106,9 @@ class SpoolWatcher:
 
     def _classify_file(self, path: Path) -> bool:
         try:
-            size = path.stat().st_size
-            if size > self._max:
-                raise ImageError(f"file of {size} bytes exceeds spool.max_file_bytes = {self._max}")
             st = path.stat()
+            if st.st_size > self._max:
+                raise ImageError(f"file of {st.st_size} bytes exceeds spool.max_file_bytes = {self._max}")
             key = f"{path.name}|{st.st_size}|{st.st_mtime_ns}"
             if self._seen(key):
                 # Classified before a crash, not yet moved: acknowledge it without a second result.

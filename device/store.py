@@ -419,14 +419,15 @@ class Store:
 
     def prune_results(self, keep: int) -> int:
         """Drop the oldest final, published results beyond ``keep`` (never unpublished or provisional ones)."""
-        with self._tx() as db:
+        with self._read() as db:
             (total,) = db.execute("SELECT COUNT(*) FROM results").fetchone()
-            if total <= keep:
-                return 0
+        if total <= keep:
+            return 0   # the common case takes no write lock
+        with self._tx() as db:
             n = db.execute(
                 "DELETE FROM results WHERE sample_id IN (SELECT sample_id FROM results WHERE state='final' "
                 "AND acked_seq >= pub_seq ORDER BY created_at LIMIT ?)", (total - keep,)).rowcount
-            db.execute("DELETE FROM outbox WHERE state IN ('corrected','expired','failed') AND sample_id NOT IN "
+            db.execute("DELETE FROM outbox WHERE state IN ('corrected','expired','evicted','failed') AND sample_id NOT IN "
                        "(SELECT sample_id FROM results)")
         return n
 

@@ -156,3 +156,16 @@ def test_byte_budget_evicts_oldest_uncorrected_first(tmp_path):
     s2.open()
     assert [d.result.sample_id for d in s2.record(*make("s5", payload=b"x" * 100)).evicted] == ["s0"]  # re-queued
     s2.close()
+
+
+def test_prune_also_drops_finished_outbox_rows_of_pruned_results(tmp_path):
+    s = Store(tmp_path / "db", max_bytes=150)
+    s.open()
+    for i in range(3):
+        s.record(*make(f"e{i}", created=1000 + i, payload=b"x" * 100))   # each new one evicts the previous
+    s.record(*make("n", offloaded=False, created=2000))
+    s.commit_progress(acked_results=[(d.result.sample_id, d.seq) for d in s.unpublished_results(0, 10)])
+    assert s.outbox_counts()["evicted"] == 2
+    assert s.prune_results(keep=2) == 2          # e0, e1 (final, published) go
+    assert s.outbox_counts()["evicted"] == 0     # and their evicted outbox rows with them
+    s.close()
