@@ -36,10 +36,12 @@ class CloudModel:
         (raw,) = self.session.run(None, {self.input_name: batch})
         return max_softmax_batch(probabilities(raw, self.card.output))
 
+    def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Already model-sized uint8 images (N, H, W) -> float32 (N, C) outputs; for evaluation."""
+        out = [self.session.run(None, {self.input_name: self.pre.batch(images[i:i + batch_size])})[0]
+               for i in range(0, len(images), batch_size)]
+        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, len(self.card.labels)), np.float32)
+
     def predict_fitted(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Already model-sized uint8 images (N, H, W) -> labels; for evaluation."""
-        out = []
-        for i in range(0, len(images), batch_size):
-            (raw,) = self.session.run(None, {self.input_name: self.pre.batch(images[i:i + batch_size])})
-            out.append(raw.argmax(axis=-1))
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+        return self.logits(images, batch_size).argmax(axis=-1)

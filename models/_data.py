@@ -6,7 +6,6 @@ not depend on the edge_infer package being installed.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ if str(REPO_ROOT / "device") not in sys.path:
     sys.path.insert(0, str(REPO_ROOT / "device"))
 
 import datasets  # noqa: E402  (device/datasets.py)
+import modelcard  # noqa: E402  (device/modelcard.py: the card reader the runtime uses)
 
 LABELS = list(datasets.FMNIST_LABELS)
 DATASET_DESCRIPTION = (
@@ -33,11 +33,7 @@ def splits():
 
 
 def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return modelcard.sha256_file(Path(path))
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -46,3 +42,12 @@ def write_json(path: str | Path, obj) -> None:
 
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
+
+
+def write_card(card_path: Path, card: dict) -> None:
+    """Write a model card; keep an earlier evaluate.py run's metrics only if the model is unchanged."""
+    if card_path.exists():
+        old = read_json(card_path)
+        if old.get("sha256") == card["sha256"]:
+            card["metrics"] = old.get("metrics", {})
+    write_json(card_path, card)

@@ -278,11 +278,7 @@ def export(args, ckpt_path: Path, mean: float, std: float, n_params: int, train_
         "license": "MIT (data); model weights: same as this repository",
     }
     card_path = args.out_dir / "card.json"
-    if card_path.exists():  # keep metrics from an earlier evaluate.py run only if the model is unchanged
-        old = _data.read_json(card_path)
-        if old.get("sha256") == card["sha256"]:
-            card["metrics"] = old.get("metrics", {})
-    _data.write_json(card_path, card)
+    _data.write_card(card_path, card)
     print(f"wrote {onnx_path} ({onnx_path.stat().st_size:,} bytes) and {card_path}")
 
 

@@ -204,11 +204,7 @@ def main() -> None:
         "license": "MIT (data); model weights: same as this repository",
     }
     card_path = args.out_dir / "card.json"
-    if card_path.exists():  # keep metrics from an earlier evaluate.py run only if the model is unchanged
-        old = _data.read_json(card_path)
-        if old.get("sha256") == card["sha256"]:
-            card["metrics"] = old.get("metrics", {})
-    _data.write_json(card_path, card)
+    _data.write_card(card_path, card)
     _data.write_json(_data.CACHE_DIR / "edge_train_history.json", {
         "args": {k: str(v) for k, v in vars(args).items()}, "history": {k: [float(v) for v in vs] for k, vs in hist.history.items()},
         "best_epoch": best_epoch, "float_val_acc": float_val, "int8_val_acc": correct / len(x_val),
