@@ -120,7 +120,7 @@ def _wait_worker_online(host: str, port: int, topic: str, procs: list[subprocess
 def run_demo(args: argparse.Namespace) -> int:
     from .config import DeviceConfig, ModelConfig, MqttConfig, OutboxConfig, PolicyConfig
     from .datasets import DEFAULT_FMNIST_DIR, fashion_mnist_splits
-    from .localbroker import BrokerError, LocalBroker
+    from .localbroker import BrokerError, LocalBroker, stop_process
     from .logsetup import setup_logging
     from .progress import Progress
     from .protocol import Topics, worker_status_topic
@@ -269,12 +269,9 @@ def run_demo(args: argparse.Namespace) -> int:
             if monitor is not None:
                 monitor.stop()
             for p in procs:
-                p.terminate()
+                p.terminate()      # all at once, then wait for each
             for p in procs:
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+                stop_process(p)
             broker.stop()
 
     _print_report(report)

@@ -47,6 +47,12 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, interval: flo
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
+def drained(store) -> bool:
+    """Nothing left to send or awaiting a reply, and every result acknowledged by the broker."""
+    c = store.outbox_counts()
+    return c["queued"] + c["inflight"] + c["delivered"] == 0 and store.unpublished_count() == 0
+
+
 class Recorder:
     """A plain paho client that records what arrives on some topics (an integrator's view)."""
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from edge_infer.localbroker import LocalBroker, free_port
+from edge_infer.localbroker import LocalBroker, free_port, stop_process
 from edge_infer.preprocess import encode_png
 from edge_infer.service import EdgeService
 from edge_infer.store import Store
 
-from ..conftest import CLOUD_CARD, EDGE_CARD, unique, wait_for
+from ..conftest import CLOUD_CARD, EDGE_CARD, drained, unique, wait_for
 from ..integration.helpers import device_config
 
 pytestmark = pytest.mark.faults
@@ -39,13 +39,7 @@ class WorkerProcess:
         self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
 
 
@@ -78,9 +72,15 @@ def figures(store: Store, produced: int, name: str) -> dict:
     return f
 
 
-def drained(store: Store) -> bool:
-    c = store.outbox_counts()
-    return c["queued"] + c["inflight"] + c["delivered"] == 0 and store.unpublished_count() == 0
+def stream_with_faults(svc: EdgeService, images, faults: dict, name: str) -> tuple[list, dict]:
+    """Classify every image, injecting ``faults[i]()`` before input i; wait until drained; the figures."""
+    results = []
+    for i, im in enumerate(images):
+        if i in faults:
+            faults[i]()
+        results.append(svc.classify(im))
+    wait_for(lambda: drained(svc.store), timeout=120, what=f"{name}: everything corrected")
+    return results, figures(svc.store, len(images), name)
 
 
 @pytest.fixture
@@ -100,16 +100,11 @@ def test_broker_down_mid_stream_then_back(tmp_path, own_broker, fmnist):
         wait_worker_ready(own_broker.port, wid)
         svc.start()
         wait_for(svc.link.connected.is_set)
-        results = []
-        for i, im in enumerate(images):
-            if i == 1000:
-                own_broker.stop()                       # the broker goes away mid-stream
-            if i == 2000:
-                own_broker.start()                      # ... and comes back with its persisted state
-            results.append(svc.classify(im))
+        results, f = stream_with_faults(svc, images, {
+            1000: own_broker.stop,      # the broker goes away mid-stream
+            2000: own_broker.start,     # ... and comes back with its persisted state
+        }, "broker down 1000..2000")
         assert all(r.origin == "edge" for r in results)   # every input got a local answer at once
-        wait_for(lambda: drained(svc.store), timeout=120, what="backlog drained after reconnect")
-        f = figures(svc.store, len(images), "broker down 1000..2000")
         assert f["results"] == 3000 and f["corrected"] == f["offloaded"] > 0
         assert f["lost"] == 0 and f["applied_twice"] == 0
     finally:
@@ -172,12 +167,7 @@ def test_one_of_two_workers_killed_mid_stream(tmp_path, broker, fmnist):
     try:
         wait_for(svc.link.connected.is_set)
         images = fmnist["test"].images[:3000]
-        for i, im in enumerate(images):
-            if i == 1000:
-                workers[0].kill()
-            svc.classify(im)
-        wait_for(lambda: drained(svc.store), timeout=120, what="all corrected by the surviving worker")
-        f = figures(svc.store, len(images), "worker SIGKILL at input 1000")
+        _, f = stream_with_faults(svc, images, {1000: workers[0].kill}, "worker SIGKILL at input 1000")
         assert f["corrected"] == f["offloaded"] > 0 and f["lost"] == 0 and f["applied_twice"] == 0
     finally:
         svc.stop()
@@ -222,13 +212,9 @@ def test_broker_restarted_without_persistence_while_in_flight(tmp_path, fmnist):
         svc.start()
         wait_for(svc.link.connected.is_set)
         images = fmnist["test"].images[:2000]
-        for i, im in enumerate(images):
-            if i == 800:
-                b.kill()              # everything the broker held is gone
-                b.start()
-            svc.classify(im)
-        wait_for(lambda: drained(svc.store), timeout=120, what="re-sent and corrected")
-        f = figures(svc.store, len(images), "broker restarted without persistence at 800")
+        # everything the broker held is gone
+        _, f = stream_with_faults(svc, images, {800: lambda: (b.kill(), b.start())},
+                                  "broker restarted without persistence at 800")
         assert f["corrected"] == f["offloaded"] > 0 and f["lost"] == 0 and f["applied_twice"] == 0
     finally:
         svc.stop()

@@ -11,7 +11,7 @@ from edge_infer.service import EdgeService
 from edge_infer_cloud.model import CloudModel
 from edge_infer_cloud.worker import CloudWorker
 
-from ..conftest import CLOUD_CARD, wait_for
+from ..conftest import CLOUD_CARD, drained, wait_for
 from .helpers import device_config, worker_config
 
 pytestmark = pytest.mark.integration
@@ -35,11 +35,6 @@ def service(tmp_path, broker):
     svc.stop()
 
 
-def drained(svc: EdgeService) -> bool:
-    c = svc.store.outbox_counts()
-    return c["queued"] + c["inflight"] + c["delivered"] == 0 and svc.store.unpublished_count() == 0
-
-
 def test_every_offloaded_sample_gets_the_cloud_models_correction(service, worker, fmnist, recorder_factory):
     topics = service.topics
     rec = recorder_factory(topics.results, topics.samples)
@@ -53,7 +48,7 @@ def test_every_offloaded_sample_gets_the_cloud_models_correction(service, worker
     assert all(r.state == "final" for r in results if not r.offloaded)
     assert 0 < len(offloaded) < n, "threshold 0.9 should offload some but not all inputs"
 
-    wait_for(lambda: drained(service), timeout=60, what="all corrections applied")
+    wait_for(lambda: drained(service.store), timeout=60, what="all corrections applied")
     final = [service.result(r.sample_id) for r in results]
     assert all(r.state == "final" for r in final)
     assert [i for i, r in enumerate(final) if r.origin == "cloud"] == offloaded
@@ -117,7 +112,7 @@ def test_device_starts_offline_and_drains_when_the_broker_appears(tmp_path, fmni
             w = CloudWorker(worker_config(late.port))
             w.start()
             try:
-                wait_for(lambda: drained(svc), timeout=60, what="backlog drained after the broker came up")
+                wait_for(lambda: drained(svc.store), timeout=60, what="backlog drained after the broker came up")
                 assert all(svc.result(r.sample_id).origin == "cloud" for r in results)
             finally:
                 w.stop()

@@ -12,6 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from edge_infer.localbroker import stop_process
+
 CGROUP_HIERARCHIES = ("systemd", "unified")
 
 
@@ -82,13 +84,7 @@ class Container:
         return self.run("systemctl", "show", "-p", prop, "--value", unit).stdout.strip()
 
     def stop(self) -> None:
-        if self.nspawn is not None and self.nspawn.poll() is None:
-            self.nspawn.terminate()
-            try:
-                self.nspawn.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.nspawn.kill()
-                self.nspawn.wait()
+        stop_process(self.nspawn, timeout=30)
         self.nspawn = None
         for d in self._cgroup_dirs():
             for sub in sorted(d.rglob("*"), key=lambda p: len(p.parts), reverse=True):
