@@ -34,11 +34,10 @@ def _default_models_dir() -> Path:
 
 
 def _default_threshold() -> float:
-    from .tomlcfg import load_toml
+    """The shipped device config's threshold (chosen on validation), read by the config parser itself."""
+    from .config import PolicyConfig, load_device_config
     cfg = REPO_ROOT / "deploy" / "config" / "edge-infer.toml"
-    if cfg.exists():
-        return float(load_toml(cfg).get("policy", {}).get("threshold", 0.9))
-    return 0.9
+    return load_device_config(cfg).policy.threshold if cfg.exists() else PolicyConfig().threshold
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
