@@ -38,6 +38,17 @@ def fmnist():
     return fashion_mnist_splits()
 
 
+def device_toml(tmp: Path, port: int, **extra: str) -> Path:
+    """A device config file for `edge-infer` processes; extra tables as ``name="key = value..."``."""
+    f = tmp / "edge-infer.toml"
+    body = (f'device_id = "{extra.pop("device_id", unique("cli"))}"\nstate_dir = "{tmp / "state"}"\n'
+            f'[model]\ncard = "{EDGE_CARD}"\n[mqtt]\nport = {port}\nreconnect_max_s = 1\n')
+    for section, text in extra.items():
+        body += f"[{section}]\n{text}\n"
+    f.write_text(body)
+    return f
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, interval: float = 0.02, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

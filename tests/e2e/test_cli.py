@@ -6,29 +6,18 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from edge_infer.preprocess import encode_png
 
-from ..conftest import CLOUD_CARD, EDGE_CARD, REPO, unique, wait_for
+from ..conftest import CLOUD_CARD, EDGE_CARD, REPO, device_toml, unique, wait_for
 
 pytestmark = pytest.mark.e2e
 
 
 def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
-
-
-def device_toml(tmp: Path, port: int, **extra: str) -> Path:
-    f = tmp / "edge-infer.toml"
-    body = (f'device_id = "{extra.pop("device_id", unique("cli"))}"\nstate_dir = "{tmp / "state"}"\n'
-            f'[model]\ncard = "{EDGE_CARD}"\n[mqtt]\nport = {port}\nreconnect_max_s = 1\n')
-    for section, text in extra.items():
-        body += f"[{section}]\n{text}\n"
-    f.write_text(body)
-    return f
 
 
 def test_demo_runs_the_whole_loop_on_real_models(tmp_path):

@@ -19,7 +19,7 @@ from edge_infer.preprocess import encode_png
 from edge_infer.service import EdgeService
 from edge_infer.store import Store
 
-from ..conftest import CLOUD_CARD, EDGE_CARD, drained, unique, wait_for
+from ..conftest import CLOUD_CARD, device_toml, drained, unique, wait_for
 from ..integration.helpers import device_config
 
 pytestmark = pytest.mark.faults
@@ -122,10 +122,8 @@ def test_device_killed_mid_stream_and_restarted(tmp_path, broker, fmnist):
     for i, im in enumerate(fmnist["test"].images[:n]):
         (spool / f".{i}").write_bytes(encode_png(im))
         os.rename(spool / f".{i}", spool / f"{i:05d}.png")
-    cfg = tmp_path / "dev.toml"
-    cfg.write_text(f'device_id = "{dev}"\nstate_dir = "{tmp_path / "state"}"\n[model]\ncard = "{EDGE_CARD}"\n'
-                   f'[mqtt]\nport = {broker.port}\nreconnect_min_s = 0.2\nreconnect_max_s = 1\n'
-                   f'[outbox]\nresend_after_s = 5\n[spool]\ndir = "{spool}"\npoll_interval_s = 0.05\n')
+    cfg = device_toml(tmp_path, broker.port, device_id=dev, outbox="resend_after_s = 5",
+                      spool=f'dir = "{spool}"\npoll_interval_s = 0.05')
     done = spool / "done"
     cmd = [sys.executable, "-m", "edge_infer", "run", "--config", str(cfg)]
     try:
