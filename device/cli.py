@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import signal
@@ -158,9 +159,22 @@ def cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-    return run_demo(args)
+#: Subcommands whose modules (and arguments) load only when they run: the service's
+#: start and `check-config` should not pay for importing the demo and calibration tools.
+TOOLS = {
+    "calibrate": ("choose the offload score and threshold from labelled data", ".calibrate",
+                  "add_calibrate_arguments", "run_calibrate"),
+    "demo": ("the whole loop on this machine: broker, cloud worker, device, test set", ".demo",
+             "add_demo_arguments", "run_demo"),
+}
+
+
+def run_tool(name: str, argv: list[str]) -> int:
+    help, module, add_arguments, run = TOOLS[name]
+    mod = importlib.import_module(module, __package__)
+    parser = argparse.ArgumentParser(prog=f"edge-infer {name}", description=help)
+    getattr(mod, add_arguments)(parser)
+    return getattr(mod, run)(parser.parse_args(argv))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,18 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=cmd_status)
     b = sub.add_parser("backends", help="list inference backends and whether they load here")
     b.set_defaults(func=cmd_backends)
-    from .calibrate import add_calibrate_arguments, run_calibrate
-    cal = sub.add_parser("calibrate", help="choose the offload score and threshold from labelled data")
-    add_calibrate_arguments(cal)
-    cal.set_defaults(func=run_calibrate)
-    from .demo import add_demo_arguments
-    d = sub.add_parser("demo", help="the whole loop on this machine: broker, cloud worker, device, test set")
-    add_demo_arguments(d)
-    d.set_defaults(func=cmd_demo)
+    for name, (help, *_) in TOOLS.items():
+        sub.add_parser(name, help=help, add_help=False)   # listed here, parsed by run_tool
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TOOLS:
+        return run_tool(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

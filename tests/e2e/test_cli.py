@@ -126,6 +126,8 @@ def test_classify_and_backends_commands(tmp_path, fmnist):
     assert lines[1]["source"] == str(bad) and "not a decodable image" in lines[1]["error"]
     p = run("-m", "edge_infer", "backends")
     assert p.returncode == 0 and "tflite-cpu: ok (ai-edge-litert" in p.stdout
+    p = run("-m", "edge_infer", "calibrate", "--help")    # a tool subcommand, loaded only when used
+    assert p.returncode == 0 and "--edge-card" in p.stdout and "edge-infer calibrate" in p.stdout
 
 
 def test_run_with_a_missing_model_exits_2_with_one_clear_line(tmp_path):
