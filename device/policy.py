@@ -37,6 +37,10 @@ class OffloadPolicy:
     max_samples_per_minute: int = 0
     max_bytes_per_hour: int = 0
 
+    @property
+    def has_budget(self) -> bool:
+        return bool(self.max_samples_per_minute or self.max_bytes_per_hour)
+
     def initial_budget(self, now: float) -> BudgetState:
         return BudgetState(float(self.max_samples_per_minute), float(self.max_bytes_per_hour), now)
 

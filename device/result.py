@@ -29,7 +29,3 @@ class Result:
     #: identifies the input at its source (the spool: name, size, mtime), so that an
     #: input classified just before a crash is not classified again after it
     source_key: str = ""
-
-    @property
-    def final(self) -> bool:
-        return self.state == "final"

@@ -64,7 +64,6 @@ class EdgeService:
                                     pc.max_bytes_per_hour)
         self._budget = self.policy.initial_budget(time.monotonic())
         self._budget_lock = threading.Lock()
-        self._has_budget = bool(pc.max_samples_per_minute or pc.max_bytes_per_hour)
         self._rng = random.Random()
         self.card = load_card(cfg.model.card)
         self.pre = Preprocessor(self.card.input)
@@ -97,7 +96,6 @@ class EdgeService:
         self._mids: dict[int, tuple[str, str, int]] = {}
         self._result_batches: dict[int, list[tuple[str, int]]] = {}
         self._samples_inflight = 0
-        self._results_inflight = 0
         # results due for publication: fresh ones in memory; a backlog (from a previous
         # run, or an overflow while offline) is read back from the store by sequence
         self._fresh: deque[Due] = deque()
@@ -221,7 +219,7 @@ class EdgeService:
                 self.counters.inc("offload_skipped_too_large")
             else:
                 admitted, why = True, ""
-                if self._has_budget:
+                if self.policy.has_budget:
                     with self._budget_lock:
                         admitted, why, self._budget = self.policy.admit(self._budget, time.monotonic(),
                                                                         len(payload))
@@ -449,7 +447,6 @@ class EdgeService:
                     else:
                         delivered.append(sid)
                 elif kind == "results":
-                    self._results_inflight -= 1
                     batch = self._result_batches.pop(ev.mid, [])
                     if ev.failed:
                         # Not retried: the broker would refuse it again. Counted and logged.
@@ -495,7 +492,7 @@ class EdgeService:
 
     def _send_results(self) -> None:
         """Publish due results, up to RESULTS_BATCH per message, RESULTS_WINDOW messages in flight."""
-        while self._results_inflight < RESULTS_WINDOW:
+        while len(self._result_batches) < RESULTS_WINDOW:   # messages in flight
             if self._backlog_hi is not None:
                 batch = self.store.unpublished_results(self._backlog_cursor, RESULTS_BATCH, upto_seq=self._backlog_hi)
                 if batch:
@@ -518,7 +515,6 @@ class EdgeService:
             return
         self._mids[mid] = ("results", "", 0)
         self._result_batches[mid] = [(d.result.sample_id, d.seq) for d in batch]
-        self._results_inflight += 1
 
     def _send_samples(self) -> None:
         assert self.link is not None

@@ -91,6 +91,7 @@ def test_byte_budget():
 
 def test_no_budget_means_no_limit():
     p = OffloadPolicy(0.5)
+    assert not p.has_budget and OffloadPolicy(0.5, max_bytes_per_hour=1).has_budget
     st = p.initial_budget(0.0)
     for _ in range(1000):
         ok, _, st = p.admit(st, 0.0, 10**6)
