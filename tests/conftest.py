@@ -58,6 +58,22 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, interval: flo
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
+def paho_properties(content_type=None, response_topic=None, correlation=None, user=None):
+    """PUBLISH properties built with paho's own Properties class (what a third-party client sends)."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    p = Properties(PacketTypes.PUBLISH)
+    if content_type:
+        p.ContentType = content_type
+    if response_topic:
+        p.ResponseTopic = response_topic
+    if correlation:
+        p.CorrelationData = correlation
+    if user:
+        p.UserProperty = list(user)
+    return p
+
+
 def drained(store) -> bool:
     """Nothing left to send or awaiting a reply, and every result acknowledged by the broker."""
     c = store.outbox_counts()

@@ -6,8 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from PIL import Image
 
 from edge_infer import protocol
@@ -16,23 +14,13 @@ from edge_infer.protocol import Topics
 from edge_infer.service import EdgeService
 from edge_infer_cloud.worker import CloudWorker
 
-from ..conftest import unique, wait_for
+from ..conftest import paho_properties, unique, wait_for
 from .helpers import device_config, worker_config
 
 pytestmark = pytest.mark.integration
 
 
-def props(content_type=None, response_topic=None, correlation=None, user=None) -> Properties:
-    p = Properties(PacketTypes.PUBLISH)
-    if content_type:
-        p.ContentType = content_type
-    if response_topic:
-        p.ResponseTopic = response_topic
-    if correlation:
-        p.CorrelationData = correlation
-    if user:
-        p.UserProperty = user
-    return p
+props = paho_properties
 
 
 @pytest.fixture

@@ -5,18 +5,11 @@ from paho.mqtt.properties import Properties
 
 from edge_infer.mqtt_link import pack_publish_properties
 
+from ..conftest import paho_properties
+
 
 def paho_pack(ct, rt, cd, ups):
-    p = Properties(PacketTypes.PUBLISH)
-    if ct:
-        p.ContentType = ct
-    if rt:
-        p.ResponseTopic = rt
-    if cd:
-        p.CorrelationData = cd
-    if ups:
-        p.UserProperty = list(ups)
-    return p.pack()
+    return paho_properties(ct, rt, cd, ups).pack()
 
 
 @pytest.mark.parametrize("ct, rt, cd, ups", [
