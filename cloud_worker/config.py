@@ -25,9 +25,12 @@ class WorkerSection:
     batch_max: int = option(32, help="largest batch run through the model at once", check=in_range(1, 4096))
     batch_wait_ms: float = option(5.0, help="how long to wait for more samples before running a partial batch",
                                   check=in_range(0, 10_000))
-    max_payload_bytes: int = option(1024 * 1024, help="larger samples are rejected with an error reply",
+    max_payload_bytes: int = option(1024 * 1024, help="larger samples are rejected with error code too_large",
                                     check=positive)
-    max_pixels: int = option(4_000_000, help="larger decoded images are rejected", check=positive)
+    max_pixels: int = option(4_000_000, help="larger decoded images are rejected with error code bad_image",
+                             check=positive)
+    status_interval_s: float = option(10.0, help="how often the retained status (with its counters) is refreshed; "
+                                      "also on every (re)connect", check=in_range(0.1, 3600))
 
 
 @dataclass(frozen=True, kw_only=True)

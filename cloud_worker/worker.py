@@ -3,12 +3,21 @@
 Samples arrive through a shared subscription, so starting more workers in
 the same group splits the load. Acknowledgement is manual: a sample's PUBACK
 goes to the broker only after its reply has been published (and acknowledged
-by the broker), so a worker that dies mid-batch leaves its samples to be
-delivered again. Every reply carries the sample's correlation data.
+by the broker). Workers use clean, non-persistent sessions, so the samples a
+dead worker held unacknowledged die with its session: the broker does not
+hand them to another worker. They are answered only when their device sends
+them again (``outbox.resend_after_s``, 120 s by default, the wait doubling up
+to 64x); the device applies a correction once, however many copies are
+answered. Every reply carries the sample's correlation data.
+
+One thread (the worker thread) owns the link: paho's callbacks only enqueue
+events, and every publish (replies, acknowledgements, status refreshes) is
+made on it; only stop() publishes the final offline status, after it ended.
 """
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -26,6 +35,18 @@ from .model import CloudModel
 
 log = logging.getLogger(__name__)
 
+#: Counters the status always carries, at 0 until they happen: a dashboard must
+#: read "none yet", not a missing key. Anything else counted is listed as well.
+KNOWN_COUNTERS: tuple[str, ...] = (
+    "received", "corrected", "batches", "rejected", "error_replies", "replies_refused", "connects",
+    *(f"rejected_{code}" for code in protocol.SAMPLE_ERROR_CODES),
+)
+
+
+def status_counters(snapshot: dict[str, int]) -> dict[str, int]:
+    """The counters for a status message: every known one (0 if never counted) plus any other counted."""
+    return dict(sorted(({name: 0 for name in KNOWN_COUNTERS} | snapshot).items()))
+
 
 class CloudWorker:
     def __init__(self, cfg: WorkerConfig) -> None:
@@ -38,6 +59,9 @@ class CloudWorker:
         self._thread: threading.Thread | None = None
         self._ack_after: dict[int, int] = {}   # reply mid -> sample mid (worker thread only)
         self._pending: list[Received] = []
+        # Monotonic time of the next status refresh (worker thread only); the first
+        # status goes out on Connected, so that it already counts the connect.
+        self._status_due = math.inf
 
     def start(self) -> None:
         self.model = CloudModel(self.cfg.model.card, self.cfg.model.intra_op_threads)
@@ -63,8 +87,14 @@ class CloudWorker:
         if self.model is not None:
             fields["model"] = self.model.card.model_id
         if state == "online":
-            fields["counters"] = self.counters.snapshot()
+            fields["counters"] = status_counters(self.counters.snapshot())
         return protocol.encode_status(fields)
+
+    def _publish_status(self) -> None:
+        """Worker thread only: refresh the retained status (and its counters)."""
+        assert self.link is not None
+        self.link.publish(self.status_topic, self._status("online"), retain=True)
+        self._status_due = time.monotonic() + self.cfg.worker.status_interval_s
 
     def stop(self) -> None:
         self._stopping.set()
@@ -82,6 +112,9 @@ class CloudWorker:
         while not self._stopping.is_set():
             try:
                 self._step()
+                # Between batches: a busy worker refreshes its status as often as an idle one.
+                if time.monotonic() >= self._status_due and self.link is not None and self.link.connected.is_set():
+                    self._publish_status()
             except Exception:
                 log.exception("worker loop error; continuing")
                 time.sleep(0.5)
@@ -112,13 +145,14 @@ class CloudWorker:
             if sample_mid is not None:
                 if ev.failed:
                     self.counters.inc("replies_refused")
-                    log.error("broker refused a reply: %s (check the broker ACL); acknowledging the sample anyway, "
-                              "a redelivery would be refused again", ev.reason)
+                    log.error("broker refused a reply: %s (check the broker ACL); acknowledging the sample anyway: "
+                              "unacknowledged, it would hold a receive-maximum slot, and a resent copy would be "
+                              "refused the same way", ev.reason)
                 self.link.ack(sample_mid, 1)
         elif isinstance(ev, Connected):
             self.counters.inc("connects")
             # Subscribed before this (in on_connect), so "online" means ready to take samples.
-            self.link.publish(self.status_topic, self._status("online"), retain=True)
+            self._publish_status()
         return True
 
     def _process(self, batch: list[Received]) -> None:
@@ -182,6 +216,7 @@ class CloudWorker:
         assert self.link is not None
         rc, mid = self.link.publish(topic, payload, content_type="application/json", correlation_data=correlation)
         if rc not in (0, 4):
-            log.error("could not queue a reply (paho rc %d); the sample stays unacknowledged and will come back", rc)
+            log.error("could not queue a reply (paho rc %d); the sample stays unacknowledged until this worker "
+                      "reconnects, and its device sends it again after outbox.resend_after_s", rc)
             return
         self._ack_after[mid] = msg.mid

@@ -8,6 +8,7 @@ Topics (``P`` = topic prefix, ``D`` = device id):
 - ``P/D/corrections``  cloud -> device, QoS 1, JSON correction or error reply.
 - ``P/D/results``      device -> integrators, QoS 1, JSON: a list of results.
 - ``P/D/status``       device, retained, QoS 1, JSON; last will = offline.
+- ``P/_workers/W/status``  worker ``W``, retained, QoS 1, JSON; last will = offline.
 
 Workers subscribe with ``$share/<group>/P/+/samples``. Everything received is
 untrusted: parsers check size, types and ranges and raise ProtocolError.
@@ -25,6 +26,13 @@ from .result import Result
 VERSION = 1
 MAX_REPLY_BYTES = 4096
 _SAMPLE_ID_MAX = 64
+
+#: Every code a worker puts in an error reply (and counts as ``rejected_<code>``):
+#: the envelope checks of parse_sample, then the worker's own image and model checks.
+SAMPLE_ERROR_CODES: tuple[str, ...] = (
+    "bad_topic", "bad_response_topic", "no_correlation", "bad_correlation", "device_mismatch", "bad_version",
+    "bad_content_type", "too_large", "empty", "bad_image", "model_error",
+)
 
 
 class ProtocolError(ValueError):
@@ -241,7 +249,7 @@ def parse_reply(payload: bytes, correlation_data: bytes | None, num_labels: int)
 # ---------------------------------------------------------------- results and status
 
 def result_dict(r: Result) -> dict[str, Any]:
-    return {
+    d = {
         "sample_id": r.sample_id, "source": r.source,
         "label": r.label, "label_name": r.label_name, "confidence": round(r.confidence, 6),
         "origin": r.origin, "state": r.state, "offloaded": r.offloaded, "offload_reason": r.offload_reason,
@@ -249,6 +257,11 @@ def result_dict(r: Result) -> dict[str, Any]:
         "cloud_model": r.cloud_model_id, "created_at": round(r.created_at, 6),
         "corrected_at": None if r.corrected_at is None else round(r.corrected_at, 6),
     }
+    # Optional and additive (v1 subscribers ignore unknown keys); only the few results the
+    # cloud could not help carry it, so the bursts of ordinary results keep their size.
+    if r.offload_error is not None:
+        d["offload_error"] = r.offload_error
+    return d
 
 
 def encode_results(results: list[Result], device_id: str) -> bytes:
@@ -269,7 +282,13 @@ def decode_results(payload: bytes) -> list[dict[str, Any]]:
         raise ProtocolError("bad_json", "results message is not JSON") from None
     if not isinstance(obj, dict) or obj.get("v") != VERSION or not isinstance(obj.get("results"), list):
         raise ProtocolError("bad_schema", "results message must be {'v': 1, 'device': ..., 'results': [...]}")
-    return obj["results"]
+    results = obj["results"]
+    if not all(isinstance(r, dict) for r in results):
+        raise ProtocolError("bad_schema", "every result must be a JSON object")
+    for r in results:
+        # Absent when there is none (and from devices older than the field): one shape for subscribers.
+        r.setdefault("offload_error", None)
+    return results
 
 
 def encode_status(fields: dict[str, Any]) -> bytes:

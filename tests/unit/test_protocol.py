@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +48,13 @@ def test_bad_samples_are_rejected_with_a_code(over, code):
     with pytest.raises(ProtocolError) as exc:
         sample(**over)
     assert exc.value.code == code
+    assert code in protocol.SAMPLE_ERROR_CODES   # the worker's status lists every code's counter
+
+
+def test_every_error_code_is_documented():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    assert [c for c in protocol.SAMPLE_ERROR_CODES if f"| `{c}` |" not in doc] == []
+    assert f"{protocol.MAX_REPLY_BYTES} bytes" in doc
 
 
 def test_correction_round_trip():
@@ -83,6 +91,30 @@ def test_results_message_round_trip_and_envelope_check():
                  offloaded=False, edge_label=i, edge_confidence=0.5, model_id="m:1", created_at=1.0) for i in range(3)]
     out = protocol.decode_results(protocol.encode_results(rs, "dev-1"))
     assert [r["sample_id"] for r in out] == ["s0", "s1", "s2"] and out[2]["edge"]["label"] == 2
-    for bad in (b"nope", b'{"v":1}', b'{"v":2,"results":[]}'):
+    for bad in (b"nope", b'{"v":1}', b'{"v":2,"results":[]}', b'{"v":1,"results":[1]}'):
         with pytest.raises(ProtocolError):
             protocol.decode_results(bad)
+
+
+def _local_final(sample_id: str, offload_error: str | None):
+    from edge_infer.result import Result
+    return Result(sample_id=sample_id, label=3, label_name="dress", confidence=0.4, origin="edge", state="final",
+                  offloaded=True, edge_label=3, edge_confidence=0.4, model_id="m:1", created_at=1.0,
+                  offload_reason="below_threshold", offload_error=offload_error)
+
+
+def test_results_say_why_the_local_answer_stands():
+    rs = [_local_final("s-exp", "expired"), _local_final("s-ev", "evicted: outbox byte budget full"),
+          _local_final("s-err", "cloud error bad_image: not decodable")]
+    wire = json.loads(protocol.encode_results(rs, "dev-1"))["results"]
+    assert [r["offload_error"] for r in wire] == ["expired", "evicted: outbox byte budget full",
+                                                  "cloud error bad_image: not decodable"]
+    assert all(r["offload_reason"] == "below_threshold" for r in wire)
+    assert [r["offload_error"] for r in protocol.decode_results(protocol.encode_results(rs, "dev-1"))] == \
+        [r.offload_error for r in rs]
+
+
+def test_offload_error_is_left_out_when_there_is_none_and_decoded_as_null():
+    payload = protocol.encode_results([_local_final("s1", None)], "dev-1")
+    assert "offload_error" not in json.loads(payload)["results"][0]   # v1 messages keep their shape and size
+    assert protocol.decode_results(payload)[0]["offload_error"] is None
