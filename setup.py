@@ -33,7 +33,7 @@ setup(
         "systemd": ["systemd-python>=234"],
         # `edge-infer calibrate` draws the offload curve (an ML engineer's tool, not a device dependency)
         "calibrate": ["matplotlib>=3.6"],
-        "dev": ["pytest>=8", "ruff>=0.5", "systemd-python>=234"],
+        "dev": ["pytest>=8", "ruff>=0.5", "systemd-python>=234", "hypothesis>=6.100"],
     },
     entry_points={
         "console_scripts": [

@@ -60,6 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     from .confidence import RouterFileError
+    from .errors import EdgeInferError
     from .modelcard import ModelCardError
     try:
         service = EdgeService(cfg)
@@ -69,6 +70,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.error("cannot start: %s", exc)
         notifier.status(f"cannot start: {exc}")
         return 2
+    except EdgeInferError as exc:
+        # e.g. the store: empty or damaged (exit 2), read-only or full (exit 2: the operator must act)
+        log.error("cannot start: %s", exc)
+        notifier.status(f"cannot start: {exc}")
+        return exc.exit_code
     except Exception as exc:
         log.error("cannot start: %s", exc)
         notifier.status(f"cannot start: {exc}")
@@ -133,6 +139,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """What the device's store holds, read directly (works while the service runs, and offline)."""
+    import sqlite3
+
+    from . import dbfile
+    from .errors import StoreError
     from .store import Store
     cfg = _load(args.config)
     db = Path(cfg.state_dir) / "edge-infer.db"
@@ -140,15 +150,39 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"no state database at {db}: the service has not run with this config yet", file=sys.stderr)
         return 1
     store = Store(db)
-    store.open(requeue=False)   # read-only use: never touch a running service's in-flight rows
     try:
+        store.open(requeue=False)   # read-only: never touch a running service's in-flight rows
         audit = store.audit()
         report = {"device": cfg.device_id, "database": str(db), "outbox": store.outbox_counts(),
                   "results": audit["results"], "offloaded": audit["offloaded"],
                   "corrected": audit["corrected_results"], "results_unpublished": store.unpublished_count()}
+    except StoreError as exc:
+        print(f"edge-infer status: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except sqlite3.Error as exc:
+        err = dbfile.classify(exc, db)
+        print(f"edge-infer status: {err}", file=sys.stderr)
+        return err.exit_code
     finally:
         store.close()
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_reset_store(args: argparse.Namespace) -> int:
+    """Move the state database aside (kept, renamed) so that the next start begins with an empty store."""
+    from . import dbfile
+    cfg = _load(args.config)
+    db = Path(cfg.state_dir) / "edge-infer.db"
+    if not db.exists():
+        print(f"no state database at {db}: nothing to reset", file=sys.stderr)
+        return 1
+    if not args.yes:
+        print(f"this moves {db} aside: its unpublished results and queued samples will not be sent. Stop the "
+              "service first (systemctl stop edge-infer), then run again with --yes", file=sys.stderr)
+        return 2
+    aside = dbfile.move_aside(db, "reset")
+    print(f"moved {db} to {aside}; the next start creates an empty store")
     return 0
 
 
@@ -193,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="outbox and results held in the device's store (no broker needed)")
     st.add_argument("--config", "-c", default="/etc/edge-infer/edge-infer.toml")
     st.set_defaults(func=cmd_status)
+    rs = sub.add_parser("reset-store", help="move the state database aside (after damage) so the next start is "
+                                            "fresh")
+    rs.add_argument("--config", "-c", default="/etc/edge-infer/edge-infer.toml")
+    rs.add_argument("--yes", action="store_true", help="really move it (stop the service first)")
+    rs.set_defaults(func=cmd_reset_store)
     b = sub.add_parser("backends", help="list inference backends and whether they load here")
     b.set_defaults(func=cmd_backends)
     for name, (help, *_) in TOOLS.items():

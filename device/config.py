@@ -108,6 +108,9 @@ class SpoolConfig:
     dir: Path | None = option(None, help="watched directory; image files dropped here are classified "
                                          "(written under a dot-name or moved in atomically)")
     poll_interval_s: float = option(0.2, help="how often the spool directory is scanned", check=positive)
+    settle_s: float = option(2.0, help="a file that does not decode and changed less than this long ago is taken "
+                                       "to be still being written and read again later (not moved to failed/)",
+                             check=non_negative)
     max_file_bytes: int = option(16 * 1024 * 1024, help="larger files are rejected to failed/", check=positive)
 
 
@@ -115,6 +118,22 @@ class SpoolConfig:
 class ResultsConfig:
     keep: int = option(100_000, help="results kept in the local store (oldest published ones are pruned)",
                        check=positive)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreConfig:
+    max_pending: int = option(2048, help="answered inputs whose results may wait in memory for the store writer; "
+                                         "beyond it classify() waits (backpressure), so memory stays bounded",
+                              check=in_range(16, 1_000_000))
+    max_pending_bytes: int = option(64 * 1024 * 1024, help="likewise, for the payloads of offloaded samples "
+                                                           "waiting in memory", check=positive)
+    max_wait_s: float = option(10.0, help="how long classify() waits for room before it fails with "
+                                          "StoreUnavailable (the store is degraded: disk full, read-only)",
+                               check=positive)
+    degraded_grace_s: float = option(300.0, help="while the store cannot commit, the service answers from memory "
+                                                 "and retries; after this long it stops pinging the systemd "
+                                                 "watchdog, so the unit restarts (and a start that cannot open "
+                                                 "the store exits 2 for the operator)", check=positive)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,6 +146,7 @@ class DeviceConfig:
     outbox: OutboxConfig = option(factory=OutboxConfig, help="[outbox] table")
     spool: SpoolConfig = option(factory=SpoolConfig, help="[spool] table")
     results: ResultsConfig = option(factory=ResultsConfig, help="[results] table")
+    store: StoreConfig = option(factory=StoreConfig, help="[store] table")
     log_level: str = option("INFO", help="DEBUG, INFO, WARNING or ERROR",
                             check=one_of("DEBUG", "INFO", "WARNING", "ERROR"))
 

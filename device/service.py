@@ -13,9 +13,9 @@ import logging
 import os
 import queue
 import random
+import sqlite3
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +28,16 @@ from .config import DeviceConfig
 from .modelcard import load_card, verified_model_bytes
 from .mqtt_link import Connected, Disconnected, MqttLink, Published, Received, pack_user_properties
 from .policy import OffloadPolicy
-from .preprocess import CONTENT_TYPES, ImageError, Preprocessor, decode_image, encode_sample
+from .preprocess import CONTENT_TYPES, ImageError, Preprocessor, decode_image, encode_sample, to_uint8, upright
 from .confidence import ScoreParams, as_score_logits, load_router, make_scorer
+from .errors import StoreError, StoreUnavailable
 from .result import Result
 from .scores import Prediction, dequantize, top1
 from .spool import SpoolWatcher
 from .stats import Counters
 from .store import Due, OutboxItem, Store
+from .storeschema import OUTBOX_STATES
+from .storehealth import StoreHealth
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +50,22 @@ RESULTS_BATCH = 64
 COALESCE_S = 0.001
 WRITE_BATCH = 256             # commit at once when this many results wait
 WRITE_COALESCE_S = 0.002      # otherwise wait this long for a batch to gather
-FRESH_MAX = 20_000            # results held in memory for publication; beyond, read back from the store
+WRITE_RETRY_S = (0.5, 5.0)    # a failing store is retried after this, doubling up to the second figure
+REPAIR_INTERVAL_S = 60.0      # a damaged database is rebuilt at most this often
 STATUS_INTERVAL_S = 10.0
 MAINTENANCE_INTERVAL_S = 1.0
-PRUNE_INTERVAL_S = 60.0       # counting the results table is not free; the keep limit is not exact anyway
+PRUNE_INTERVAL_S = 60.0       # the keep limit need not be exact; pruning in chunks every minute is enough
+
+#: Counters always present in the status (a dashboard should see 0, not a missing key).
+KNOWN_COUNTERS = (
+    "classified", "offloaded", "offloaded_audit", "sent", "delivered", "corrected", "corrections_agreed",
+    "corrections_changed_label", "audit_corrected", "audit_agreed", "cloud_errors", "expired", "evicted", "resent",
+    "results_published", "results_refused", "samples_refused", "replies_rejected", "replies_duplicate",
+    "replies_late", "replies_unknown", "offload_skipped_too_large", "offload_skipped_budget_samples",
+    "offload_skipped_budget_bytes", "requeued_at_start", "connects", "backpressure_waits", "store_unavailable",
+    "store_errors", "store_recoveries", "store_repaired", "results_lost_at_stop", "spool_processed",
+    "spool_rejected", "spool_already_classified", "spool_rejected_not_regular", "spool_deferred_incomplete",
+    "spool_ignored_dirs")
 
 
 class EdgeService:
@@ -58,7 +73,9 @@ class EdgeService:
         self.cfg = cfg
         self.topics = protocol.Topics(cfg.mqtt.topic_prefix, cfg.device_id)
         self.counters = Counters()
-        self.store = Store(Path(cfg.state_dir) / "edge-infer.db", max_bytes=cfg.outbox.max_bytes)
+        self.store = Store(Path(cfg.state_dir) / "edge-infer.db", max_bytes=cfg.outbox.max_bytes,
+                           resend_after_s=cfg.outbox.resend_after_s)
+        self.health = StoreHealth(self.store.path, self.counters)
         pc = cfg.policy
         self.policy = OffloadPolicy(pc.threshold, pc.offload, pc.audit_rate, pc.max_samples_per_minute,
                                     pc.max_bytes_per_hour)
@@ -81,9 +98,13 @@ class EdgeService:
         self._write_cv = threading.Condition()
         self._write_q: list[tuple[Result, OutboxItem | None]] = []
         self._enqueued = 0
-        self._committed = 0
+        self._committed = 0          # committed, or given up at stop: answered-but-not-stored is the difference
+        self._pending_bytes = 0      # payload bytes of those
+        self._lost = 0               # given up at stop because the store could not take them
         self._writer: threading.Thread | None = None
         self._writer_stop = False
+        self._next_repair = 0.0
+        self._last_counts: dict[str, int] = {}
         self._evicted_unlogged = 0
         self._evictions_logged_at = -1e9
         self._invoke_started = 0.0
@@ -96,28 +117,36 @@ class EdgeService:
         self._mids: dict[int, tuple[str, str, int]] = {}
         self._result_batches: dict[int, list[tuple[str, int]]] = {}
         self._samples_inflight = 0
-        # results due for publication: fresh ones in memory; a backlog (from a previous
-        # run, or an overflow while offline) is read back from the store by sequence
-        self._fresh: deque[Due] = deque()
+        # Results are published from the store in sequence order: everything up to this
+        # sequence has been handed to paho (or needed no publishing). The store hands out
+        # sequences in commit order, so a cursor is all it takes, at any backlog size.
+        self._pub_cursor = 0
         # state changes made by one turn of the link worker, committed together
         self._pending_inflight: list[str] = []
         self._pending_delivered: list[str] = []
         self._pending_acked: list[tuple[str, int]] = []
-        self._backlog_hi: int | None = None
-        self._backlog_cursor = 0
         self._next_prune = 0.0
 
     # ------------------------------------------------------------ lifecycle
     def start(self, *, connect: bool = True) -> None:
-        """Load the model and open the store (fails loudly); then go online in the background."""
+        """Load the model and open the store (fails loudly); then go online in the background.
+
+        Raises StoreError (exit code 2) when the store cannot be used: empty,
+        truncated or damaged beyond an index, read-only, or on a full disk.
+        """
+        if self._started_at:
+            raise RuntimeError("EdgeService.start() called twice")
         model_bytes = verified_model_bytes(self.card)
         self.backend = create_backend(self.cfg.model.backend, self.card, model_bytes,
                                       BackendOptions(self.cfg.model.runtime, self.cfg.model.num_threads))
         # One warm-up invoke: the first call allocates, and a model that cannot run should fail here.
         self.backend.invoke(self.pre.batch(np.zeros((1, self.card.input.height, self.card.input.width), np.uint8)))
         requeued = self.store.open()
+        for notice in self.store.report.notices:
+            log.warning("%s", notice)
+        if self.store.report.repaired:
+            self.counters.inc("store_repaired")
         self.counters.inc("requeued_at_start", requeued)
-        self._backlog_hi, self._backlog_cursor = self.store.last_seq, 0
         self._started_at = time.time()
         self._writer_stop = False
         self._writer = threading.Thread(target=self._run_writer, name="store-writer", daemon=True)
@@ -131,9 +160,10 @@ class EdgeService:
             self.link.start()
         if self.cfg.spool.dir is not None:
             self.spool = SpoolWatcher(self.cfg.spool.dir, self.classify_bytes, self.counters, flush=self.flush,
-                                      seen=self.store.has_source_key,
+                                      seen=self._seen,
                                       poll_interval_s=self.cfg.spool.poll_interval_s,
-                                      max_file_bytes=self.cfg.spool.max_file_bytes)
+                                      max_file_bytes=self.cfg.spool.max_file_bytes,
+                                      settle_s=self.cfg.spool.settle_s)
             self.spool.start()
         log.info("edge-infer %s ready: device %s, model %s (%s), threshold %.4f, broker %s:%d",
                  __version__, self.cfg.device_id, self.card.model_id, self.backend.runtime,
@@ -177,7 +207,7 @@ class EdgeService:
         if isinstance(image, (bytes, bytearray, memoryview)):
             return self.classify_bytes(bytes(image), source, wait_for_cloud=wait_for_cloud)
         if isinstance(image, Image.Image):
-            image = np.asarray(image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode))
+            image = to_uint8(upright(image))   # as decode_image does: EXIF orientation, 16-bit scaled
         if not isinstance(image, np.ndarray):
             raise ImageError(f"classify() takes a uint8 array, a PIL image or encoded bytes, not {type(image).__name__}")
         return self._classify(image, source, None, wait_for_cloud)
@@ -242,11 +272,26 @@ class EdgeService:
         waiter = None
         if offloaded and wait_for_cloud > 0:
             waiter = self._waiters[sample_id] = threading.Event()   # before the sample can be sent
+        size = len(item.payload) if item is not None else 0
+        sc = self.cfg.store
         with self._write_cv:
             if self._writer is None:
-                raise RuntimeError("EdgeService is not started")
+                raise RuntimeError("EdgeService is not started: call start() first")
+            if not self._room(size):
+                # Backpressure: the writer is behind (a burst) or the store is degraded. Waiting keeps
+                # memory bounded and every answered input committed or in this bounded queue.
+                self.counters.inc("backpressure_waits")
+                if not self._write_cv.wait_for(lambda: self._room(size) or self._writer is None, sc.max_wait_s):
+                    self.counters.inc("store_unavailable")
+                    d = self.health.degraded()
+                    raise StoreUnavailable(
+                        f"{self._enqueued - self._committed} results are waiting for the store "
+                        f"({d.reason if d else 'the writer is behind'}); this input was not classified")
+                if self._writer is None:
+                    raise RuntimeError("EdgeService is stopping")
             self._write_q.append((result, item))
             self._enqueued += 1
+            self._pending_bytes += size
             if len(self._write_q) == 1 or len(self._write_q) >= WRITE_BATCH:
                 self._write_cv.notify()   # wake the writer: a new batch begins, or one is full
 
@@ -257,6 +302,12 @@ class EdgeService:
             finally:
                 self._waiters.pop(sample_id, None)
         return result
+
+    def _room(self, size: int) -> bool:
+        """Under _write_cv: may one more answered input wait for the writer?"""
+        sc = self.cfg.store
+        pending = self._enqueued - self._committed
+        return pending < sc.max_pending and (pending == 0 or self._pending_bytes + size <= sc.max_pending_bytes)
 
     def result(self, sample_id: str) -> Result | None:
         """The stored (possibly corrected) result of an input."""
@@ -271,11 +322,22 @@ class EdgeService:
         spool's files) are acknowledged to their source only after a flush.
         """
         with self._write_cv:
-            target = self._enqueued
+            target, lost = self._enqueued, self._lost
             self._write_cv.notify_all()   # cut the writer's wait for a fuller batch short
-            return self._write_cv.wait_for(lambda: self._committed >= target or self._writer is None, timeout)
+            self._write_cv.wait_for(lambda: self._committed >= target or self._writer is None, timeout)
+            return self._committed >= target and self._lost == lost
+
+    def _seen(self, key: str) -> bool:
+        """The spool's question "classified before?", with a store error turned into a pause, not a traceback."""
+        try:
+            found = self.store.has_source_key(key)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(str(self.health.failed("spool", exc))) from None
+        self.health.ok("spool")
+        return found
 
     def _run_writer(self) -> None:
+        retry = WRITE_RETRY_S[0]
         while True:
             with self._write_cv:
                 self._write_cv.wait_for(lambda: self._write_q or self._writer_stop)
@@ -283,21 +345,29 @@ class EdgeService:
                     # Group commit: let a burst gather (one commit costs ~100 us, a row in a batch ~17 us).
                     self._write_cv.wait(WRITE_COALESCE_S)
                 batch, self._write_q = self._write_q, []
-                if not batch and self._writer_stop:
+                stopping = self._writer_stop
+                if not batch and stopping:
                     return
+            # A source acknowledged after this commit (a spool file moved to done/) needs the
+            # commit to survive a power cut: sync it. One sync per spool chunk, not per file.
+            durable = any(r.source_key for r, _ in batch)
             try:
-                outcome = self.store.record_many(batch)
-            except Exception:
-                # The disk is full or the database is broken: answers keep coming (they were returned
-                # already), the error is loud, and the batch is retried rather than dropped.
-                log.exception("cannot store %d result(s); retrying in 1 s", len(batch))
+                outcome = self.store.record_many(batch, durable=durable)
+            except (sqlite3.Error, OSError) as exc:
+                err = self.health.failed("store writer", exc)
+                if stopping:
+                    self._give_up(batch, err)
+                    return
+                if err.kind == "corrupt":
+                    self._try_repair()
+                # Answers keep coming from memory (up to store.max_pending); the batch is retried, not dropped.
                 with self._write_cv:
                     self._write_q[:0] = batch
-                time.sleep(1.0)
+                    self._write_cv.wait_for(lambda: self._writer_stop, retry)
+                retry = min(retry * 2, WRITE_RETRY_S[1])
                 continue
-            if self.link is not None:
-                self._fresh.extend(Due(seq, r) for seq, (r, _) in zip(outcome.seqs, batch))
-                self._fresh.extend(outcome.evicted)
+            retry = WRITE_RETRY_S[0]
+            self.health.ok("store writer")
             # counted here, once per batch, to keep the lock off the caller's path
             offloaded = [r for r, item in batch if item is not None]
             self.counters.add({"classified": len(batch), "offloaded": len(offloaded),
@@ -305,10 +375,36 @@ class EdgeService:
             if outcome.evicted:
                 self.counters.inc("evicted", len(outcome.evicted))
                 self._log_evictions(len(outcome.evicted))
-            with self._write_cv:
-                self._committed += len(batch)
-                self._write_cv.notify_all()
+            self._mark_committed(batch)
             self._poke()
+
+    def _mark_committed(self, batch: list[tuple[Result, OutboxItem | None]]) -> None:
+        with self._write_cv:
+            self._committed += len(batch)
+            self._pending_bytes -= sum(len(item.payload) for _, item in batch if item is not None)
+            self._write_cv.notify_all()
+
+    def _give_up(self, batch: list[tuple[Result, OutboxItem | None]], err: StoreError) -> None:
+        """At stop, with a store that still cannot commit: say exactly what is lost."""
+        self.counters.inc("results_lost_at_stop", len(batch))
+        with self._write_cv:
+            self._lost += len(batch)
+        log.error("stopping with %d result(s) that could not be stored (%s): they are lost; inputs from the "
+                  "spool stay in the spool directory and are classified again at the next start", len(batch), err)
+        self._mark_committed(batch)
+
+    def _try_repair(self) -> None:
+        now = time.monotonic()
+        if now < self._next_repair:
+            return
+        self._next_repair = now + REPAIR_INTERVAL_S
+        try:
+            notice = self.store.repair()
+        except StoreError as exc:
+            log.error("the damaged state database cannot be repaired while running: %s", exc)
+            return
+        self.counters.inc("store_repaired")
+        log.warning("%s", notice)
 
     def _log_evictions(self, n: int) -> None:
         """One warning a minute at most: a full budget while offline would otherwise flood the journal."""
@@ -327,7 +423,8 @@ class EdgeService:
         with self._write_cv:
             self._writer_stop = True
             self._write_cv.notify_all()
-        self._writer.join(timeout=30)
+        # Bounded: a failing store gets one last try (see _give_up), so this ends within the unit's stop timeout.
+        self._writer.join(timeout=20)
         with self._write_cv:
             self._writer = None
             self._write_cv.notify_all()
@@ -337,11 +434,17 @@ class EdgeService:
 
         Unhealthy when one invoke has been running for longer than
         ``max_invoke_s`` (a hung accelerator: a known failure of USB Edge
-        TPUs), or when the spool thread has stopped scanning.
+        TPUs), when the spool thread has stopped scanning, or when the store
+        has not been able to commit for longer than store.degraded_grace_s.
         """
         started = self._invoke_started
         if started and time.monotonic() - started > max_invoke_s:
             return False, f"inference stuck for {time.monotonic() - started:.0f}s"
+        degraded_s = self.health.degraded_for()
+        if degraded_s > self.cfg.store.degraded_grace_s:
+            d = self.health.degraded()
+            return False, (f"store cannot commit for {degraded_s:.0f}s (store.degraded_grace_s = "
+                           f"{self.cfg.store.degraded_grace_s:.0f}): {d.reason if d else ''}")
         if self.spool is not None and not self.spool.alive(max_invoke_s + self.cfg.spool.poll_interval_s * 4):
             return False, "spool thread stalled"
         return True, "ok"
@@ -353,24 +456,39 @@ class EdgeService:
             threading.Event().wait()
 
     def status(self) -> dict[str, Any]:
-        counts = self.counters.snapshot()
-        classified = counts.get("classified", 0)
+        """The retained status message's fields. Never raises: a store that cannot be read makes it degraded."""
+        counts = dict.fromkeys(KNOWN_COUNTERS, 0) | self.counters.snapshot()
+        classified = counts["classified"]
+        try:
+            self._last_counts = self.store.counts()
+            self.health.ok("status")
+        except (sqlite3.Error, RuntimeError) as exc:   # RuntimeError: the store is closed (stopping)
+            if isinstance(exc, sqlite3.Error):
+                self.health.failed("status", exc)
+        store_counts = self._last_counts
+        degraded = self.health.degraded()
+        with self._write_cv:
+            pending = self._enqueued - self._committed
         return {
             "device": self.cfg.device_id,
-            "state": "online",
+            "state": "degraded" if degraded else "online",
             "version": __version__,
             "model": self.card.model_id,
             "backend": f"{self.cfg.model.backend} ({self.backend.runtime})" if self.backend else self.cfg.model.backend,
             "threshold": self.policy.threshold,
             "broker_connected": bool(self.link and self.link.connected.is_set()),
-            "outbox": self.store.outbox_counts(),
-            "results_unpublished": self.store.unpublished_count(),
-            "offload_rate": round(counts.get("offloaded", 0) / classified, 4) if classified else 0.0,
+            "store": {"ok": degraded is None, "problem": degraded.kind if degraded else None,
+                      "reason": degraded.reason if degraded else None,
+                      "for_s": round(self.health.degraded_for(), 1), "pending_writes": pending},
+            "outbox": {s: store_counts.get(f"outbox.{s}", 0) for s in OUTBOX_STATES},
+            "results_stored": store_counts.get("results", 0),
+            "results_unpublished": store_counts.get("results.unpublished", 0),
+            "offload_rate": round(counts["offloaded"] / classified, 4) if classified else 0.0,
             "score": self.cfg.policy.score,
             # from corrections: how often the cloud agreed with the edge answer
-            "agreement": _share(counts.get("corrections_agreed", 0), counts.get("corrected", 0)),
+            "agreement": _share(counts["corrections_agreed"], counts["corrected"]),
             # on audited (confident) inputs only: the edge model's observed accuracy proxy
-            "audit_agreement": _share(counts.get("audit_agreed", 0), counts.get("audit_corrected", 0)),
+            "audit_agreement": _share(counts["audit_agreed"], counts["audit_corrected"]),
             "counters": counts,
             "started_at": self._started_at,
         }
@@ -384,7 +502,6 @@ class EdgeService:
                 # Sleeps until something happens: a PUBACK, a reply, a (dis)connect, or new
                 # results committed by the writer (a Wake); at most 50 ms for the timers.
                 self._drain_events(timeout=0.05)
-                self._bound_fresh()
                 if self.link.connected.is_set():
                     self._send_results()
                     self._send_samples()
@@ -396,6 +513,12 @@ class EdgeService:
                 if now >= next_status and self.link.connected.is_set():
                     self._publish_status()
                     next_status = now + STATUS_INTERVAL_S
+                self.health.ok("link worker")
+            except sqlite3.Error as exc:
+                # The store is degraded: counted and reported once (storehealth), retried next turn with
+                # the same pending state changes; what paho acknowledged is kept until it can be written.
+                self.health.failed("link worker", exc)
+                self._stopping.wait(1.0)
             except Exception:
                 log.exception("link worker error; continuing")
                 time.sleep(0.5)
@@ -478,32 +601,23 @@ class EdgeService:
     def _sample_refused(self, sample_id: str, reason: str) -> None:
         self.counters.inc("samples_refused")
         log.error("broker refused sample %s: %s; it will not be retried, the local answer stands", sample_id, reason)
-        due = self.store.mark_failed(sample_id, f"refused by broker: {reason}")
-        if due is not None:
-            self._fresh.append(due)
-
-    def _bound_fresh(self) -> None:
-        if len(self._fresh) > FRESH_MAX:
-            # Offline for long: stop holding results in memory, the store has them all.
-            # Clear first, then take the bound, so nothing falls between the two.
-            self._fresh.clear()
-            self._backlog_hi = self.store.last_seq
-            self._backlog_cursor = 0
+        self.store.mark_failed(sample_id, f"refused by broker: {reason}")
 
     def _send_results(self) -> None:
-        """Publish due results, up to RESULTS_BATCH per message, RESULTS_WINDOW messages in flight."""
+        """Publish due results in sequence order, up to RESULTS_BATCH per message, RESULTS_WINDOW in flight."""
         while len(self._result_batches) < RESULTS_WINDOW:   # messages in flight
-            if self._backlog_hi is not None:
-                batch = self.store.unpublished_results(self._backlog_cursor, RESULTS_BATCH, upto_seq=self._backlog_hi)
-                if batch:
-                    self._backlog_cursor = batch[-1].seq
-                if len(batch) < RESULTS_BATCH:
-                    self._backlog_hi = None
-            else:
-                batch = [self._fresh.popleft() for _ in range(min(RESULTS_BATCH, len(self._fresh)))]
-            if not batch:
+            upto = self.store.last_seq
+            if upto <= self._pub_cursor:
                 return
-            self._publish_results(batch)
+            batch = self.store.unpublished_results(self._pub_cursor, RESULTS_BATCH)
+            if len(batch) < RESULTS_BATCH:
+                # Every sequence up to ``upto`` was handed out before this read took the store's
+                # lock, so its transaction has ended: nothing new can appear at or below it.
+                self._pub_cursor = max(upto, batch[-1].seq if batch else 0)
+            else:
+                self._pub_cursor = batch[-1].seq
+            if batch:
+                self._publish_results(batch)
 
     def _publish_results(self, batch: list[Due]) -> None:
         assert self.link is not None
@@ -571,8 +685,6 @@ class EdgeService:
                         if agreed:
                             self.counters.inc("audit_agreed")
         if outcome.reason == "applied":
-            if outcome.due is not None:
-                self._fresh.append(outcome.due)
             waiter = self._waiters.get(reply.sample_id)
             if waiter is not None:
                 waiter.set()
@@ -581,13 +693,12 @@ class EdgeService:
             log.info("reply for sample %s ignored (%s)", reply.sample_id, outcome.reason)
 
     def _maintenance(self) -> None:
-        resent = self.store.resend_stale(self.cfg.outbox.resend_after_s)
+        resent = self.store.resend_stale()
         if resent:
             self.counters.inc("resent", resent)
             log.warning("%d delivered sample(s) got no reply within %.0fs; sending them again", resent,
                         self.cfg.outbox.resend_after_s)
         expired = self.store.expire(self.cfg.outbox.max_age_s)
-        self._fresh.extend(expired)
         if expired:
             self.counters.inc("expired", len(expired))
             log.warning("%d sample(s) expired after %.0fs without a correction; their local answers stand",

@@ -4,19 +4,27 @@ One database (WAL) holds both tables so that recording a result together
 with its offloaded sample, and applying a correction to both, are single
 transactions: a crash leaves either all of it or none of it.
 
-Outbox states::
+Outbox states (names in ``storeschema.OutboxState``)::
 
     queued -> inflight -> delivered -> corrected
-       |          |           |-----> queued again (no reply within resend_after_s)
-       |          |           `-----> expired (no correction within max age)
+       |          |           |-----> queued again (no reply by resend_at)
+       |          |           |-----> expired (no correction within max age)
+       |          |           `-----> failed (the cloud answered with an error)
        |          `-> failed (the broker refused the publish; reason kept)
        |-> expired (not sent within max age)
        `-> evicted (the byte budget was full: oldest uncorrected first)
 
 ``inflight`` rows go back to ``queued`` at start-up (the process that sent
 them is gone). Results carry a publication sequence number: a result is
-(re)published while ``pub_seq > acked_seq``, so results recorded offline are
-published after reconnecting and nothing is lost between the two tables.
+(re)published while ``pub_seq > acked_seq``. Sequence numbers are handed out
+inside the transaction that writes them, under the store's lock, so they
+become visible in order: a reader that has seen sequence S will never later
+find a new row below S, which is what lets the link worker publish by cursor.
+
+Cost does not grow with what is stored: every per-input and periodic query
+seeks an index (tests check the query plans), scans stop at the first row
+not due, deletions go in bounded chunks, and counts come from a table that
+triggers keep exact.
 """
 from __future__ import annotations
 
@@ -28,59 +36,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from . import dbfile
+from .errors import StoreError
 from .protocol import Correction, ErrorReply
 from .result import Result
+from .storeschema import DONE_STATES, OPEN_STATES, OUTBOX_STATES, TABLES, TABLES_SQL, initial_counts, migrate
 
 log = logging.getLogger(__name__)
 
-OUTBOX_STATES = ("queued", "inflight", "delivered", "corrected", "expired", "evicted", "failed")
-_OPEN_STATES = ("queued", "inflight", "delivered")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS results (
-    sample_id     TEXT PRIMARY KEY,
-    created_at    REAL NOT NULL,
-    source        TEXT NOT NULL,
-    model         TEXT NOT NULL,
-    edge_label    INTEGER NOT NULL,
-    edge_conf     REAL NOT NULL,
-    label         INTEGER NOT NULL,
-    label_name    TEXT NOT NULL,
-    confidence    REAL NOT NULL,
-    origin        TEXT NOT NULL,
-    state         TEXT NOT NULL,
-    offloaded     INTEGER NOT NULL,
-    corrected_at  REAL,
-    cloud_model   TEXT,
-    offload_error TEXT,
-    offload_reason TEXT,
-    source_key    TEXT NOT NULL DEFAULT '',
-    pub_seq       INTEGER NOT NULL,
-    acked_seq     INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS results_unpublished ON results(pub_seq) WHERE pub_seq > acked_seq;
-CREATE INDEX IF NOT EXISTS results_created ON results(created_at);
-CREATE INDEX IF NOT EXISTS results_source_key ON results(source_key) WHERE source_key != '';
-CREATE TABLE IF NOT EXISTS outbox (
-    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
-    sample_id    TEXT NOT NULL UNIQUE,
-    created_at   REAL NOT NULL,
-    updated_at   REAL NOT NULL,
-    state        TEXT NOT NULL,
-    content_type TEXT NOT NULL,
-    payload      BLOB,
-    size         INTEGER NOT NULL DEFAULT 0,
-    user_props   BLOB NOT NULL,
-    attempts     INTEGER NOT NULL DEFAULT 0,
-    applied      INTEGER NOT NULL DEFAULT 0,
-    last_error   TEXT
-);
-CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state, seq);
-PRAGMA user_version = 2;
-"""
-
 _RESULT_COLS = ("sample_id, created_at, source, model, edge_label, edge_conf, label, label_name, confidence, "
                 "origin, state, offloaded, corrected_at, cloud_model, offload_error, offload_reason")
+#: rows one maintenance transaction touches at most, so the writer never waits long for the lock
+CHUNK = 512
+_RESEND_AT = "? + ? * (1 << MIN(MAX(attempts - 1, 0), 6))"   # the wait doubles per attempt, up to 64x
 
 
 @dataclass(frozen=True)
@@ -118,6 +86,14 @@ class RecordOutcome:
     evicted: list[Due]
 
 
+@dataclass(frozen=True)
+class OpenReport:
+    requeued: int
+    #: what an operator should hear about: an upgrade, a repaired index, a torn WAL tail
+    notices: tuple[str, ...] = ()
+    repaired: bool = False
+
+
 def _row_to_result(row: tuple) -> Result:
     (sample_id, created_at, source, model, edge_label, edge_conf, label, label_name, confidence,
      origin, state, offloaded, corrected_at, cloud_model, offload_error, offload_reason) = row
@@ -130,45 +106,107 @@ def _row_to_result(row: tuple) -> Result:
 class Store:
     """Thread-safe: one connection, one lock; every public method is one transaction."""
 
-    def __init__(self, path: Path, max_bytes: int | None = None) -> None:
+    def __init__(self, path: Path, max_bytes: int | None = None, resend_after_s: float = 120.0) -> None:
         self.path = Path(path)
         #: budget for the payloads of samples not yet corrected; None = unbounded
         self.max_bytes = max_bytes
-        self._held_bytes = 0
+        self.resend_after_s = resend_after_s
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
-        self._seq_lock = threading.Lock()
         self._last_seq = 0
+        self._legacy_counts = False   # a read-only look at a store of an older schema: counted by scanning
+        self.report = OpenReport(0)
 
     # ------------------------------------------------------------ lifecycle
-    def open(self, *, requeue: bool = True) -> int:
-        """Open (creating if needed); returns how many in-flight samples were re-queued.
+    def open(self, *, requeue: bool = True, check: bool = True) -> int:
+        """Open (creating if new); returns how many in-flight samples were re-queued.
 
-        ``requeue=False`` is for inspecting the database of a running service.
+        A store that exists but is empty, truncated or not SQLite raises
+        StoreError (exit 2): it is never replaced by a fresh one silently.
+        With ``check`` the pages are verified (O(size), start-up only) and a
+        damaged index is rebuilt from the tables (``self.report`` says so);
+        a damaged table raises. ``requeue=False`` is for looking at the store
+        of a running service: nothing is written.
         """
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        notices: list[str] = []
         try:
-            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
-            db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode: a commit survives a process crash (kill -9);
-            # a power cut can lose the last commits but never corrupts the file.
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            raise RuntimeError(f"state database {self.path} cannot be opened ({exc}). If it is corrupt, move it "
-                               "aside and restart: the service creates a new one (queued samples in it are lost).") from exc
-        self._db = db
-        (max_seq,) = db.execute("SELECT COALESCE(MAX(pub_seq), 0) FROM results").fetchone()
-        self._last_seq = max_seq
-        self._held_bytes = self._payload_bytes(db)
-        if not requeue:
-            return 0
-        with self._tx():
-            n = db.execute("UPDATE outbox SET state='queued', updated_at=? WHERE state='inflight'",
-                           (time.time(),)).rowcount
+            found = dbfile.check_file(self.path)
+            if found.warning:
+                notices.append(found.warning)
+            if not requeue:
+                if not found.exists:
+                    raise StoreError(f"no state database at {self.path}", kind="missing", exit_code=1)
+                self._db = self._connect(read_only=True)
+                (version,) = self._db.execute("PRAGMA user_version").fetchone()
+                self._legacy_counts = version < 3
+                self._last_seq = self._max_seq()
+                return 0
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            dbfile.preflight_writable(self.path)
+            db = self._db = self._connect()
+            repaired = False
+            if check and found.exists and (problems := dbfile.quick_check(db)):
+                db.close()
+                aside = dbfile.rebuild(self.path, TABLES_SQL, TABLES)
+                repaired = True
+                notices.append(f"state database {self.path} was damaged ({problems[0][:200]}); its tables were "
+                               f"intact and have been copied into a rebuilt database (every index rebuilt). "
+                               f"The damaged file is kept as {aside}")
+                db = self._db = self._connect()
+            version = migrate(db, self.resend_after_s)
+            if found.exists and version != 3 and version != 0:
+                notices.append(f"state database upgraded from schema {version} to 3")
+            self._last_seq = self._max_seq()
+            with self._tx():
+                n = db.execute("UPDATE outbox SET state='queued', updated_at=? WHERE state='inflight'",
+                               (time.time(),)).rowcount
+        except sqlite3.Error as exc:
+            self.close()
+            err = dbfile.classify(exc, self.path)
+            if err.kind == "corrupt":
+                err = StoreError(f"{err} It cannot be used: {dbfile.RESET_HINT}.", kind="corrupt")
+            raise err from None
+        except OSError as exc:
+            self.close()
+            raise dbfile.classify(exc, self.path) from None
+        self.report = OpenReport(n, tuple(notices), repaired)
         if n:
             log.info("re-queued %d in-flight sample(s) from the previous run", n)
         return n
+
+    def repair(self) -> str:
+        """Rebuild a database found damaged while running (see dbfile.rebuild); raises StoreError
+        when a table itself is damaged. Other threads wait on the lock meanwhile."""
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            try:
+                aside = dbfile.rebuild(self.path, TABLES_SQL, TABLES)
+            finally:
+                self._db = self._connect()
+            migrate(self._db, self.resend_after_s)
+            self._last_seq = max(self._last_seq, self._max_seq())
+        return (f"state database {self.path} was damaged while running; its tables were intact and were copied "
+                f"into a rebuilt database (every index rebuilt). The damaged file is kept as {aside}")
+
+    def _connect(self, read_only: bool = False) -> sqlite3.Connection:
+        if read_only:
+            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False,
+                                 isolation_level=None, timeout=10)
+            db.execute("PRAGMA query_only=1")
+            return db
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
+        db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives a process crash (kill -9); a power cut can
+        # lose the last commits but never corrupts the file. Commits that precede an
+        # acknowledgement to a source (a spool file moved to done/) are made durable.
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
+    def _max_seq(self) -> int:
+        (max_seq,) = self._conn().execute("SELECT COALESCE(MAX(pub_seq), 0) FROM results").fetchone()
+        return max_seq
 
     def close(self) -> None:
         with self._lock:
@@ -176,8 +214,8 @@ class Store:
                 self._db.close()
                 self._db = None
 
-    def _tx(self):
-        return _Transaction(self._lock, self._conn())
+    def _tx(self, durable: bool = False):
+        return _Transaction(self._lock, self._conn(), durable)
 
     def _read(self):
         """Reads take the lock but no write transaction (WAL readers see the last commit)."""
@@ -189,43 +227,36 @@ class Store:
         return self._db
 
     # ------------------------------------------------------------ recording
-    @staticmethod
-    def _payload_bytes(db: sqlite3.Connection) -> int:
-        (n,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM outbox WHERE payload IS NOT NULL").fetchone()
-        return n
-
     def record(self, result: Result, item: OutboxItem | None = None) -> RecordOutcome:
         """Store one new result (and its offloaded sample). See record_many."""
         return self.record_many([(result, item)])
 
-    def record_many(self, entries: list[tuple[Result, OutboxItem | None]]) -> RecordOutcome:
+    def record_many(self, entries: list[tuple[Result, OutboxItem | None]], *, durable: bool = False) -> RecordOutcome:
         """Store new results (and their offloaded samples) in one transaction, evicting to stay in budget.
 
         One transaction for a batch is what makes the store cheap per input
         (measured ~100 us per single-row commit vs ~17 us per row in batches of 64).
+        ``durable``: the commit is synced to disk before this returns (it survives a
+        power cut), for results whose source is acknowledged next.
         """
-        seqs = [self._next_seq() for _ in entries]
         evicted: list[Due] = []
-        rows, samples = [], []
-        for (result, item), seq in zip(entries, seqs):
-            rows.append((result.sample_id, result.created_at, result.source, result.model_id, result.edge_label,
-                         result.edge_confidence, result.label, result.label_name, result.confidence, result.origin,
-                         result.state, int(result.offloaded), result.corrected_at, result.cloud_model_id,
-                         result.offload_error, result.offload_reason, seq, result.source_key))
-            if item is not None:
-                samples.append((item.sample_id, item.created_at, item.created_at, "queued", item.content_type,
-                                item.payload, len(item.payload), item.user_props))
-        with self._tx() as db:
+        samples = [(item.sample_id, item.created_at, item.created_at, "queued", item.content_type,
+                    item.payload, len(item.payload), item.user_props) for _, item in entries if item is not None]
+        with self._tx(durable) as db:
+            first = self._last_seq + 1
+            self._last_seq += len(entries)
+            seqs = list(range(first, first + len(entries)))
             db.executemany(f"INSERT INTO results ({_RESULT_COLS}, pub_seq, source_key) "
                            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                           rows)
+                           [(r.sample_id, r.created_at, r.source, r.model_id, r.edge_label, r.edge_confidence,
+                             r.label, r.label_name, r.confidence, r.origin, r.state, int(r.offloaded),
+                             r.corrected_at, r.cloud_model_id, r.offload_error, r.offload_reason, seq, r.source_key)
+                            for (r, _), seq in zip(entries, seqs)])
             if samples:
                 db.executemany(
                     "INSERT INTO outbox (sample_id, created_at, updated_at, state, content_type, payload, size, "
-                    "user_props) "
-                    "VALUES (?,?,?,?,?,?,?,?)", samples)
-                self._held_bytes += sum(s[6] for s in samples)
-                if self.max_bytes is not None and self._held_bytes > self.max_bytes:
+                    "user_props) VALUES (?,?,?,?,?,?,?,?)", samples)
+                if self.max_bytes is not None and self._count(db, "outbox.bytes") > self.max_bytes:
                     evicted = self._evict(db)
         return RecordOutcome(seqs, evicted)
 
@@ -235,44 +266,50 @@ class Store:
         Oldest first because they are the closest to expiring and the least
         useful to an operator waiting for fresh corrections. In-flight samples
         are in paho's hands and are skipped. Their local results stay.
+        Each round reads the oldest few of each evictable state (an index seek).
         """
         assert self.max_bytes is not None
-        self._held_bytes = self._payload_bytes(db)  # the running count only overestimates
         evicted: list[Due] = []
-        if self._held_bytes <= self.max_bytes:
-            return evicted
         now = time.time()
-        rows = db.execute("SELECT sample_id, size FROM outbox WHERE state IN ('queued','delivered') "
-                          "AND payload IS NOT NULL ORDER BY seq").fetchall()
-        for sid, size in rows:
-            if self._held_bytes <= self.max_bytes:
+        held = self._count(db, "outbox.bytes")
+        while held > self.max_bytes:
+            rows = sorted(r for state in ("queued", "delivered") for r in db.execute(
+                "SELECT seq, sample_id, size FROM outbox WHERE state=? ORDER BY seq LIMIT 64", (state,)))
+            if not rows:
                 break
-            db.execute("UPDATE outbox SET state='evicted', payload=NULL, updated_at=?, last_error=? "
-                       "WHERE sample_id=?", (now, "evicted: outbox.max_bytes reached", sid))
-            due = self._finalize_local(db, sid, "evicted: outbox byte budget full")
-            self._held_bytes -= size
-            if due is not None:
-                evicted.append(due)
+            for _, sid, size in rows:
+                if held <= self.max_bytes:
+                    break
+                db.execute("UPDATE outbox SET state='evicted', payload=NULL, updated_at=?, last_error=? "
+                           "WHERE sample_id=?", (now, "evicted: outbox.max_bytes reached", sid))
+                held -= size
+                due = self._finalize_local(db, sid, "evicted: outbox byte budget full")
+                if due is not None:
+                    evicted.append(due)
         return evicted
+
+    @staticmethod
+    def _count(db: sqlite3.Connection, name: str) -> int:
+        row = db.execute("SELECT n FROM counts WHERE name=?", (name,)).fetchone()
+        return row[0] if row else 0
 
     # ------------------------------------------------------------ publishing results
     def _next_seq(self) -> int:
-        with self._seq_lock:
-            self._last_seq += 1
-            return self._last_seq
+        """Only inside a transaction (under the lock): sequences become visible in order."""
+        self._last_seq += 1
+        return self._last_seq
 
     @property
     def last_seq(self) -> int:
         """The highest publication sequence handed out so far (in this process or before it)."""
         return self._last_seq
 
-    def unpublished_results(self, after_seq: int, limit: int, upto_seq: int | None = None) -> list[Due]:
-        """Results not yet acknowledged by the broker, oldest publication first."""
-        upto = self._last_seq if upto_seq is None else upto_seq
+    def unpublished_results(self, after_seq: int, limit: int) -> list[Due]:
+        """Results not yet acknowledged by the broker with a sequence above ``after_seq``, in order."""
         with self._read() as db:
             rows = db.execute(
                 f"SELECT pub_seq, {_RESULT_COLS} FROM results WHERE pub_seq > acked_seq AND pub_seq > ? "
-                "AND pub_seq <= ? ORDER BY pub_seq LIMIT ?", (after_seq, upto, limit)).fetchall()
+                "ORDER BY pub_seq LIMIT ?", (after_seq, limit)).fetchall()
         return [Due(r[0], _row_to_result(r[1:])) for r in rows]
 
     # ------------------------------------------------------------ outbox
@@ -286,14 +323,15 @@ class Store:
     def commit_progress(self, *, inflight: Iterable[str] = (), delivered: Iterable[str] = (),
                         acked_results: Iterable[tuple[str, int]] = ()) -> None:
         """State changes of the link worker, in one transaction (in this order): samples handed
-        to the broker (queued -> inflight), samples it acknowledged (inflight -> delivered), and
-        result publications it acknowledged."""
+        to the broker (queued -> inflight), samples it acknowledged (inflight -> delivered, due
+        for a resend at ``resend_at``), and result publications it acknowledged."""
         now = time.time()
         with self._tx() as db:
             db.executemany("UPDATE outbox SET state='inflight', attempts=attempts+1, updated_at=? "
                            "WHERE sample_id=? AND state='queued'", [(now, s) for s in inflight])
-            db.executemany("UPDATE outbox SET state='delivered', updated_at=? WHERE sample_id=? AND state='inflight'",
-                           [(now, s) for s in delivered])
+            db.executemany(f"UPDATE outbox SET state='delivered', updated_at=?, resend_at={_RESEND_AT} "
+                           "WHERE sample_id=? AND state='inflight'",
+                           [(now, now, self.resend_after_s, s) for s in delivered])
             db.executemany("UPDATE results SET acked_seq=? WHERE sample_id=? AND acked_seq < ?",
                            [(seq, sid, seq) for sid, seq in acked_results])
 
@@ -313,35 +351,45 @@ class Store:
         return Due(seq, _row_to_result(row)) if n and row else None
 
     def expire(self, max_age_s: float, now: float | None = None) -> list[Due]:
-        """Samples older than max_age that are not in the broker's hands expire; their local answer stands."""
+        """Samples older than max_age that are not in the broker's hands expire; their local answer stands.
+
+        Reads each state's oldest rows and stops at the first one that is young
+        enough, so a pass costs what it expires, not what is queued. At most
+        CHUNK rows a state per call; the rest go on the next pass.
+        """
         now = time.time() if now is None else now
+        cutoff = now - max_age_s
+        due: list[Due] = []
         with self._tx() as db:
-            ids = [r[0] for r in db.execute(
-                "SELECT sample_id FROM outbox WHERE state IN ('queued','delivered') AND created_at < ?",
-                (now - max_age_s,))]
-            due = []
-            for sid in ids:
-                db.execute("UPDATE outbox SET state='expired', payload=NULL, updated_at=? WHERE sample_id=?",
-                           (now, sid))
-                d = self._finalize_local(db, sid, "expired")
-                if d is not None:
-                    due.append(d)
+            for state in ("queued", "delivered"):
+                rows = db.execute("SELECT sample_id, created_at FROM outbox WHERE state=? ORDER BY seq LIMIT ?",
+                                  (state, CHUNK)).fetchall()
+                for sid, created in rows:
+                    if created >= cutoff:
+                        # seq follows creation (to within the writer's batching), so the rest are younger
+                        break
+                    db.execute("UPDATE outbox SET state='expired', payload=NULL, updated_at=? WHERE sample_id=?",
+                               (now, sid))
+                    d = self._finalize_local(db, sid, "expired")
+                    if d is not None:
+                        due.append(d)
         return due
 
-    def resend_stale(self, after_s: float, now: float | None = None) -> int:
-        """Delivered samples with no reply after ``after_s`` go back to queued.
+    def resend_stale(self, now: float | None = None) -> int:
+        """Delivered samples whose ``resend_at`` has passed go back to queued (at most CHUNK a call).
 
         The broker's PUBACK only means the broker has the sample: with no worker
-        subscribed yet, or a broker restarted without persistence, it is gone.
-        Sending again is safe because corrections are applied once. The wait
-        doubles with every attempt (up to 64x), so a cloud that is merely slow
-        is not flooded with copies of its own backlog.
+        subscribed yet, a killed worker, or a broker restarted without
+        persistence, it is gone. Sending again is safe because corrections are
+        applied once. The wait is ``resend_after_s`` and doubles with every
+        attempt (up to 64x), so a cloud that is merely slow is not flooded with
+        copies of its own backlog.
         """
         now = time.time() if now is None else now
         with self._tx() as db:
-            return db.execute("UPDATE outbox SET state='queued', updated_at=? WHERE state='delivered' "
-                              "AND updated_at < ? - ? * (1 << MIN(MAX(attempts - 1, 0), 6))",
-                              (now, now, after_s)).rowcount
+            return db.execute("UPDATE outbox SET state='queued', updated_at=? WHERE seq IN (SELECT seq FROM outbox "
+                              "WHERE state='delivered' AND resend_at <= ? ORDER BY resend_at LIMIT ?)",
+                              (now, now, CHUNK)).rowcount
 
     # ------------------------------------------------------------ replies
     def apply_correction(self, c: Correction, now: float | None = None) -> ApplyOutcome:
@@ -351,7 +399,7 @@ class Store:
             row = db.execute("SELECT state FROM outbox WHERE sample_id=?", (c.sample_id,)).fetchone()
             if row is None:
                 return ApplyOutcome(None, "unknown")
-            if row[0] not in _OPEN_STATES:
+            if row[0] not in OPEN_STATES:
                 return ApplyOutcome(None, "duplicate" if row[0] == "corrected" else "late")
             # ``applied`` counts applications; the state check above keeps it at most 1 (fault tests audit it).
             db.execute("UPDATE outbox SET state='corrected', payload=NULL, updated_at=?, applied=applied+1 "
@@ -369,7 +417,7 @@ class Store:
             row = db.execute("SELECT state FROM outbox WHERE sample_id=?", (e.sample_id,)).fetchone()
             if row is None:
                 return ApplyOutcome(None, "unknown")
-            if row[0] not in _OPEN_STATES:
+            if row[0] not in OPEN_STATES:
                 return ApplyOutcome(None, "duplicate" if row[0] in ("corrected", "failed") else "late")
             reason = f"cloud error {e.code}: {e.message}"
             db.execute("UPDATE outbox SET state='failed', last_error=?, payload=NULL, updated_at=? WHERE sample_id=?",
@@ -379,7 +427,9 @@ class Store:
     # ------------------------------------------------------------ queries
     def has_source_key(self, key: str) -> bool:
         with self._read() as db:
-            return db.execute("SELECT 1 FROM results WHERE source_key=? LIMIT 1", (key,)).fetchone() is not None
+            # The index is partial (source_key != ''): the query must say so for SQLite to use it.
+            return db.execute("SELECT 1 FROM results WHERE source_key=? AND source_key != '' LIMIT 1",
+                              (key,)).fetchone() is not None
 
     def get_result(self, sample_id: str) -> Result | None:
         with self._read() as db:
@@ -391,12 +441,16 @@ class Store:
             rows = db.execute(f"SELECT {_RESULT_COLS} FROM results ORDER BY created_at").fetchall()
         return [_row_to_result(r) for r in rows]
 
-    def outbox_counts(self) -> dict[str, int]:
+    def counts(self) -> dict[str, int]:
+        """Outbox rows per state, payload bytes held, results kept and unpublished: O(1)."""
         with self._read() as db:
-            rows = db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall()
-        counts = dict.fromkeys(OUTBOX_STATES, 0)
-        counts.update(dict(rows))
-        return counts
+            if self._legacy_counts:
+                return dict(initial_counts(db))
+            return dict(db.execute("SELECT name, n FROM counts").fetchall())
+
+    def outbox_counts(self) -> dict[str, int]:
+        c = self.counts()
+        return {s: c.get(f"outbox.{s}", 0) for s in OUTBOX_STATES}
 
     def outbox_state(self, sample_id: str) -> tuple[str, str | None] | None:
         with self._read() as db:
@@ -404,7 +458,7 @@ class Store:
         return (row[0], row[1]) if row else None
 
     def audit(self) -> dict[str, int]:
-        """Figures for fault tests and operators: samples, corrections applied more than once."""
+        """Figures for fault tests and operators: samples, corrections applied more than once (O(n) scans)."""
         with self._read() as db:
             (results,) = db.execute("SELECT COUNT(*) FROM results").fetchone()
             (offloaded,) = db.execute("SELECT COUNT(*) FROM results WHERE offloaded=1").fetchone()
@@ -413,43 +467,62 @@ class Store:
         return {"results": results, "offloaded": offloaded, "corrected_results": cloud, "applied_twice": twice}
 
     def unpublished_count(self) -> int:
-        with self._read() as db:
-            (n,) = db.execute("SELECT COUNT(*) FROM results WHERE pub_seq > acked_seq").fetchone()
-        return n
+        return self.counts().get("results.unpublished", 0)
 
     def prune_results(self, keep: int) -> int:
-        """Drop the oldest final, published results beyond ``keep`` (never unpublished or provisional ones)."""
-        with self._read() as db:
-            (total,) = db.execute("SELECT COUNT(*) FROM results").fetchone()
-        if total <= keep:
-            return 0   # the common case takes no write lock
-        with self._tx() as db:
-            n = db.execute(
-                "DELETE FROM results WHERE sample_id IN (SELECT sample_id FROM results WHERE state='final' "
-                "AND acked_seq >= pub_seq ORDER BY created_at LIMIT ?)", (total - keep,)).rowcount
-            db.execute("DELETE FROM outbox WHERE state IN ('corrected','expired','evicted','failed') AND sample_id NOT IN "
-                       "(SELECT sample_id FROM results)")
-        return n
+        """Drop the oldest final, published results beyond ``keep`` (never unpublished or provisional ones),
+        and the finished outbox rows of the dropped results; CHUNK rows per transaction."""
+        done = 0
+        while True:
+            with self._read() as db:
+                excess = self._count(db, "results") - keep
+            if excess <= 0:
+                return done   # the common case takes no write lock
+            with self._tx() as db:
+                ids = [r[0] for r in db.execute(
+                    "DELETE FROM results WHERE rowid IN (SELECT rowid FROM results WHERE state='final' "
+                    "AND acked_seq >= pub_seq ORDER BY created_at LIMIT ?) RETURNING sample_id",
+                    (min(excess, CHUNK),)).fetchall()]
+                db.executemany(f"DELETE FROM outbox WHERE sample_id=? AND state IN {DONE_STATES}",
+                               [(i,) for i in ids])
+            done += len(ids)
+            if len(ids) < min(excess, CHUNK):
+                return done   # the rest are unpublished or provisional: they stay
 
 
 class _Transaction:
-    def __init__(self, lock: threading.Lock, db: sqlite3.Connection) -> None:
-        self._lock, self._db = lock, db
+    def __init__(self, lock: threading.Lock, db: sqlite3.Connection, durable: bool = False) -> None:
+        self._lock, self._db, self._durable = lock, db, durable
 
     def __enter__(self) -> sqlite3.Connection:
         self._lock.acquire()
         try:
+            if self._durable:
+                # FULL in WAL mode: this commit syncs the log. Set outside the transaction, as SQLite requires.
+                self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("BEGIN IMMEDIATE")
         except BaseException:
+            self._restore()
             self._lock.release()
             raise
         return self._db
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+            if exc_type is None:
+                self._db.execute("COMMIT")
+            elif self._db.in_transaction:
+                self._db.execute("ROLLBACK")
         finally:
+            self._restore()
             self._lock.release()
+
+    def _restore(self) -> None:
+        if self._durable:
+            try:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+            except sqlite3.Error:
+                pass  # the connection is broken; the error that matters was raised already
 
 
 class _Read:

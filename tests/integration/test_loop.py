@@ -120,20 +120,16 @@ def test_device_starts_offline_and_drains_when_the_broker_appears(tmp_path, fmni
         svc.stop()
 
 
-def test_results_produced_offline_are_published_after_reconnect_with_bounded_memory(tmp_path, fmnist, monkeypatch):
-    import edge_infer.service as service_mod
+def test_results_produced_offline_are_published_after_reconnect(tmp_path, fmnist):
     from edge_infer.localbroker import LocalBroker, free_port
 
     from ..conftest import Recorder
-    monkeypatch.setattr(service_mod, "FRESH_MAX", 50)     # force the overflow path: read back from the store
     port = free_port()
     svc = EdgeService(device_config(tmp_path, port, threshold=0.0))   # nothing offloaded: results only
     svc.start()
     try:
         ids = [svc.classify(im).sample_id for im in fmnist["test"].images[:400]]
         svc.flush()
-        time.sleep(0.2)
-        assert len(svc._fresh) <= 50 + 64       # bounded while offline (at most one writer batch over)
         with LocalBroker(tmp_path / "late", port=port) as b:
             rec = Recorder(b.port, svc.topics.results)
             try:
@@ -142,6 +138,41 @@ def test_results_produced_offline_are_published_after_reconnect_with_bounded_mem
                 wait_for(lambda: svc.store.unpublished_count() == 0, what="all acknowledged")
             finally:
                 rec.close()
+    finally:
+        svc.stop()
+
+
+def test_each_result_is_published_once_with_an_offline_backlog_above_20000(tmp_path, fmnist):
+    """Offline for 21,000 inputs (above the old in-memory publication limit), then online for 40,000 more
+    at full speed: each (sample, state) is published exactly once, counted by a subscriber."""
+    from collections import Counter
+
+    from edge_infer.localbroker import LocalBroker, free_port
+
+    from ..conftest import Recorder
+    port = free_port()
+    svc = EdgeService(device_config(tmp_path, port))
+    svc.start()
+    images = fmnist["test"].images
+    try:
+        ids = [svc.classify(images[i % len(images)]).sample_id for i in range(21_000)]
+        with LocalBroker(tmp_path / "late", port=port) as b:
+            rec = Recorder(b.port, svc.topics.results)
+            try:
+                ids += [svc.classify(images[i % len(images)]).sample_id for i in range(40_000)]
+                n = len(ids)
+                wait_for(lambda: len(rec.results(svc.topics.results)) >= n and svc.store.unpublished_count() == 0,
+                         timeout=120, what="all results published and acknowledged")
+                time.sleep(0.5)   # anything published twice would have arrived by now
+                per_state = Counter((r["sample_id"], r["state"]) for r in rec.results(svc.topics.results))
+            finally:
+                rec.close()
+        assert {sid for sid, _ in per_state} == set(ids)
+        twice = {k: v for k, v in per_state.items() if v > 1}
+        assert not twice, f"{len(twice)} (sample, state) pairs published more than once, e.g. {list(twice.items())[:3]}"
+        # no worker runs: offloaded inputs stay provisional, the others are final; each once
+        provisional = sum(1 for _, state in per_state if state == "provisional")
+        assert len(per_state) == n and provisional == svc.counters.get("offloaded")
     finally:
         svc.stop()
 

@@ -5,6 +5,7 @@ import pytest
 
 from edge_infer.protocol import Correction, ErrorReply
 from edge_infer.result import Result
+from edge_infer.errors import StoreError
 from edge_infer.store import OutboxItem, Store
 
 
@@ -73,7 +74,7 @@ def test_results_publication_sequence(store):
     seq, r = due.seq, due.result
     assert out.due == due and store.last_seq == seq
     assert r.sample_id == "b" and r.state == "final" and seq > max(s for s, _ in pending)
-    assert store.unpublished_results(0, 10, upto_seq=seq - 1) == []
+    assert store.unpublished_results(seq, 10) == []      # nothing beyond the cursor
     # an ack of the older publication does not count for the newer one
     store.commit_progress(acked_results=[("b", pending[1][0])])
     assert store.unpublished_count() == 1
@@ -117,22 +118,26 @@ def test_prune_never_drops_unpublished_or_provisional(store):
 def test_corrupt_database_gives_an_operator_message(tmp_path):
     p = tmp_path / "db"
     p.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(RuntimeError, match="move it aside"):
+    with pytest.raises(StoreError, match="not a SQLite database.*reset-store") as err:
         Store(p).open()
+    assert err.value.kind == "corrupt" and err.value.exit_code == 2
+    assert p.read_bytes() == b"this is not sqlite" * 100     # left as it was for the operator
 
 
-def test_delivered_without_reply_is_resent(store):
+def test_delivered_without_reply_is_resent(tmp_path):
+    store = Store(tmp_path / "db", resend_after_s=60)
+    store.open()
     store.record(*make("a"))
     store.commit_progress(inflight=["a"])
     store.commit_progress(delivered=["a"])
-    assert store.resend_stale(after_s=60) == 0
+    assert store.resend_stale() == 0
     t = time.time()
-    assert store.resend_stale(after_s=60, now=t + 61) == 1           # first attempt: after 60 s
+    assert store.resend_stale(now=t + 61) == 1           # first attempt: after 60 s
     assert [i.sample_id for i in store.queued_samples(5)] == ["a"]
     store.commit_progress(inflight=["a"])                                        # attempt 2
     store.commit_progress(delivered=["a"])
-    assert store.resend_stale(after_s=60, now=time.time() + 61) == 0  # now it waits 120 s
-    assert store.resend_stale(after_s=60, now=time.time() + 121) == 1
+    assert store.resend_stale(now=time.time() + 61) == 0  # now it waits 120 s
+    assert store.resend_stale(now=time.time() + 121) == 1
 
 
 def test_byte_budget_evicts_oldest_uncorrected_first(tmp_path):

@@ -1,0 +1,159 @@
+"""The state database's schema, its upgrades, and the counts kept by triggers.
+
+Version 3 adds what keeps every periodic query independent of the store's size:
+``outbox.resend_at`` with a partial index (resends seek to what is due instead of
+scanning every delivered row), and a ``counts`` table that triggers keep exact in
+the same transactions as the rows they count (the status reads a handful of
+numbers instead of counting 100k rows).
+"""
+from __future__ import annotations
+
+import sqlite3
+from enum import Enum
+
+
+class OutboxState(str, Enum):
+    QUEUED = "queued"
+    INFLIGHT = "inflight"
+    DELIVERED = "delivered"
+    CORRECTED = "corrected"
+    EXPIRED = "expired"
+    EVICTED = "evicted"
+    FAILED = "failed"
+
+
+OUTBOX_STATES = tuple(s.value for s in OutboxState)
+#: states in which a reply from the cloud may still be applied
+OPEN_STATES = ("queued", "inflight", "delivered")
+#: states whose rows are done with: pruned together with their results
+DONE_STATES = ("corrected", "expired", "evicted", "failed")
+
+VERSION = 3
+
+_TABLES = """
+CREATE TABLE IF NOT EXISTS results (
+    sample_id     TEXT PRIMARY KEY,
+    created_at    REAL NOT NULL,
+    source        TEXT NOT NULL,
+    model         TEXT NOT NULL,
+    edge_label    INTEGER NOT NULL,
+    edge_conf     REAL NOT NULL,
+    label         INTEGER NOT NULL,
+    label_name    TEXT NOT NULL,
+    confidence    REAL NOT NULL,
+    origin        TEXT NOT NULL,
+    state         TEXT NOT NULL,
+    offloaded     INTEGER NOT NULL,
+    corrected_at  REAL,
+    cloud_model   TEXT,
+    offload_error TEXT,
+    offload_reason TEXT,
+    source_key    TEXT NOT NULL DEFAULT '',
+    pub_seq       INTEGER NOT NULL,
+    acked_seq     INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS results_unpublished ON results(pub_seq) WHERE pub_seq > acked_seq;
+CREATE INDEX IF NOT EXISTS results_created ON results(created_at);
+CREATE INDEX IF NOT EXISTS results_source_key ON results(source_key) WHERE source_key != '';
+CREATE TABLE IF NOT EXISTS outbox (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    sample_id    TEXT NOT NULL UNIQUE,
+    created_at   REAL NOT NULL,
+    updated_at   REAL NOT NULL,
+    state        TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    payload      BLOB,
+    size         INTEGER NOT NULL DEFAULT 0,
+    user_props   BLOB NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    applied      INTEGER NOT NULL DEFAULT 0,
+    last_error   TEXT,
+    resend_at    REAL
+);
+CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state, seq);
+"""
+
+_V3 = """
+CREATE INDEX IF NOT EXISTS outbox_resend ON outbox(resend_at) WHERE state = 'delivered';
+CREATE TABLE IF NOT EXISTS counts (name TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS outbox_ins AFTER INSERT ON outbox BEGIN
+    UPDATE counts SET n = n + 1 WHERE name = 'outbox.' || NEW.state;
+    UPDATE counts SET n = n + NEW.size WHERE name = 'outbox.bytes' AND NEW.payload IS NOT NULL;
+END;
+CREATE TRIGGER IF NOT EXISTS outbox_state_upd AFTER UPDATE OF state ON outbox WHEN OLD.state != NEW.state BEGIN
+    UPDATE counts SET n = n - 1 WHERE name = 'outbox.' || OLD.state;
+    UPDATE counts SET n = n + 1 WHERE name = 'outbox.' || NEW.state;
+END;
+CREATE TRIGGER IF NOT EXISTS outbox_payload_upd AFTER UPDATE OF payload ON outbox
+    WHEN (OLD.payload IS NULL) != (NEW.payload IS NULL) BEGIN
+    UPDATE counts SET n = n + CASE WHEN NEW.payload IS NULL THEN -OLD.size ELSE NEW.size END
+        WHERE name = 'outbox.bytes';
+END;
+CREATE TRIGGER IF NOT EXISTS outbox_del AFTER DELETE ON outbox BEGIN
+    UPDATE counts SET n = n - 1 WHERE name = 'outbox.' || OLD.state;
+    UPDATE counts SET n = n - OLD.size WHERE name = 'outbox.bytes' AND OLD.payload IS NOT NULL;
+END;
+CREATE TRIGGER IF NOT EXISTS results_ins AFTER INSERT ON results BEGIN
+    UPDATE counts SET n = n + 1 WHERE name = 'results';
+    UPDATE counts SET n = n + 1 WHERE name = 'results.unpublished' AND NEW.pub_seq > NEW.acked_seq;
+END;
+CREATE TRIGGER IF NOT EXISTS results_pub_upd AFTER UPDATE OF pub_seq, acked_seq ON results
+    WHEN (OLD.pub_seq > OLD.acked_seq) != (NEW.pub_seq > NEW.acked_seq) BEGIN
+    UPDATE counts SET n = n + CASE WHEN NEW.pub_seq > NEW.acked_seq THEN 1 ELSE -1 END
+        WHERE name = 'results.unpublished';
+END;
+CREATE TRIGGER IF NOT EXISTS results_del AFTER DELETE ON results BEGIN
+    UPDATE counts SET n = n - 1 WHERE name = 'results';
+    UPDATE counts SET n = n - 1 WHERE name = 'results.unpublished' AND OLD.pub_seq > OLD.acked_seq;
+END;
+"""
+
+#: the tables alone, for a rebuild (``migrate`` then adds the rest and counts the rows)
+TABLES_SQL = _TABLES
+TABLES = ("results", "outbox")
+
+
+def initial_counts(db: sqlite3.Connection) -> list[tuple[str, int]]:
+    """Counted from the rows once, when the counts table is created (an upgrade or a rebuild)."""
+    by_state = dict(db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall())
+    (held,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM outbox WHERE payload IS NOT NULL").fetchone()
+    (results,) = db.execute("SELECT COUNT(*) FROM results").fetchone()
+    (unpublished,) = db.execute("SELECT COUNT(*) FROM results WHERE pub_seq > acked_seq").fetchone()
+    return ([(f"outbox.{s}", by_state.get(s, 0)) for s in OUTBOX_STATES]
+            + [("outbox.bytes", held), ("results", results), ("results.unpublished", unpublished)])
+
+
+def migrate(db: sqlite3.Connection, resend_after_s: float) -> int:
+    """Create or upgrade the schema in one transaction; returns the version found (0 = new)."""
+    (found,) = db.execute("PRAGMA user_version").fetchone()
+    if found == VERSION:
+        return found
+    if found not in (0, 2):
+        raise sqlite3.DatabaseError(f"schema version {found} is not one this edge-infer opens (it writes {VERSION} "
+                                    "and upgrades 2); a store written by a newer version needs that version")
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if found == 2:
+            db.execute("ALTER TABLE outbox ADD COLUMN resend_at REAL")
+            db.execute("UPDATE outbox SET resend_at = updated_at + ? * (1 << MIN(MAX(attempts - 1, 0), 6)) "
+                       "WHERE state = 'delivered'", (resend_after_s,))
+        for statement in _split(_TABLES + _V3):
+            db.execute(statement)
+        db.executemany("INSERT OR REPLACE INTO counts (name, n) VALUES (?, ?)", initial_counts(db))
+        db.execute(f"PRAGMA user_version = {VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return found
+
+
+def _split(script: str) -> list[str]:
+    """Statements of a script (triggers hold ';' inside BEGIN ... END)."""
+    out, buf = [], ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    return [s for s in out if s]
