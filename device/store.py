@@ -29,6 +29,7 @@ triggers keep exact.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -192,7 +193,13 @@ class Store:
 
     def _connect(self, read_only: bool = False) -> sqlite3.Connection:
         if read_only:
-            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False,
+            # On a read-only file system SQLite cannot create the WAL index it needs for mode=ro;
+            # nobody can write there, so the file is immutable (a WAL left there is not read: said below).
+            mode = "mode=ro" if os.access(self.path.parent, os.W_OK) else "immutable=1"
+            if mode != "mode=ro" and Path(f"{self.path}-wal").exists() and Path(f"{self.path}-wal").stat().st_size:
+                log.warning("%s is on a read-only file system with an unmerged write-ahead log: the last commits "
+                            "are not read", self.path)
+            db = sqlite3.connect(f"file:{self.path}?{mode}", uri=True, check_same_thread=False,
                                  isolation_level=None, timeout=10)
             db.execute("PRAGMA query_only=1")
             return db

@@ -8,8 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(mosquitto dataset-fashion-mnist)
-# dev: systemd-python builds against libsystemd; the service tests boot systemd-nspawn containers
-[ "${1:-}" = dev ] && APT_PACKAGES+=(libsystemd-dev pkg-config systemd systemd-container openssl)
+# dev: systemd-python builds against libsystemd; the service tests boot systemd-nspawn containers;
+# the storage tests watch the service's fsyncs with strace
+[ "${1:-}" = dev ] && APT_PACKAGES+=(libsystemd-dev pkg-config systemd systemd-container openssl strace)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
