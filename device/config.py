@@ -124,7 +124,7 @@ class ResultsConfig:
 class StoreConfig:
     max_pending: int = option(2048, help="answered inputs whose results may wait in memory for the store writer; "
                                          "beyond it classify() waits (backpressure), so memory stays bounded",
-                              check=in_range(16, 1_000_000))
+                              check=in_range(64, 1_000_000))
     max_pending_bytes: int = option(64 * 1024 * 1024, help="likewise, for the payloads of offloaded samples "
                                                            "waiting in memory", check=positive)
     max_wait_s: float = option(10.0, help="how long classify() waits for room before it fails with "

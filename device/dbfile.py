@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 _HEADER = b"SQLite format 3\x00"
 #: Below this much free space the store is treated as full: SQLite needs room for WAL frames.
 MIN_FREE_BYTES = 1 << 20
-RESET_HINT = "run `edge-infer reset-store` to move it aside (it is kept) and start with an empty store"
+RESET_HINT = "stop the service and run `edge-infer reset-store --yes` to move it aside (it is kept) and start with an empty store"
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ KNOWN_COUNTERS = (
     "offload_skipped_budget_bytes", "requeued_at_start", "connects", "backpressure_waits", "store_unavailable",
     "store_errors", "store_recoveries", "store_repaired", "results_lost_at_stop", "spool_processed",
     "spool_rejected", "spool_already_classified", "spool_rejected_not_regular", "spool_deferred_incomplete",
-    "spool_ignored_dirs")
+    "spool_ignored_dirs", *(f"store_errors_{kind}" for kind in ("disk_full", "read_only", "corrupt", "io", "locked")))
 
 
 class EdgeService:
@@ -497,32 +497,50 @@ class EdgeService:
     def _run_link_worker(self) -> None:
         assert self.link is not None
         next_status = next_maintenance = 0.0
+        was_degraded = False
         while not self._stopping.is_set():
-            try:
-                # Sleeps until something happens: a PUBACK, a reply, a (dis)connect, or new
-                # results committed by the writer (a Wake); at most 50 ms for the timers.
-                self._drain_events(timeout=0.05)
-                if self.link.connected.is_set():
-                    self._send_results()
-                    self._send_samples()
-                self._commit_progress()
-                now = time.monotonic()
-                if now >= next_maintenance:
-                    self._maintenance()
-                    next_maintenance = now + MAINTENANCE_INTERVAL_S
-                if now >= next_status and self.link.connected.is_set():
-                    self._publish_status()
-                    next_status = now + STATUS_INTERVAL_S
-                self.health.ok("link worker")
-            except sqlite3.Error as exc:
-                # The store is degraded: counted and reported once (storehealth), retried next turn with
-                # the same pending state changes; what paho acknowledged is kept until it can be written.
-                self.health.failed("link worker", exc)
+            store_ok = self._guarded("link worker", self._link_turn)
+            now = time.monotonic()
+            if now >= next_maintenance:
+                self._guarded("maintenance", self._maintenance)
+                next_maintenance = now + MAINTENANCE_INTERVAL_S
+            degraded = self.health.degraded() is not None
+            if degraded != was_degraded:
+                next_status, was_degraded = now, degraded   # integrators hear of it at once, not within 10 s
+            if now >= next_status and self.link.connected.is_set():
+                self._publish_status()   # never raises: a degraded store is what it reports
+                next_status = now + STATUS_INTERVAL_S
+            if not store_ok:
                 self._stopping.wait(1.0)
-            except Exception:
-                log.exception("link worker error; continuing")
-                time.sleep(0.5)
         self._shutdown_link()
+
+    def _link_turn(self) -> None:
+        assert self.link is not None
+        # Sleeps until something happens: a PUBACK, a reply, a (dis)connect, or new
+        # results committed by the writer (a Wake); at most 50 ms for the timers.
+        self._drain_events(timeout=0.05)
+        # Samples handed to paho whose 'inflight' state is not yet written (the store failed
+        # last turn) still read as queued: select nothing more until that is written.
+        if self.link.connected.is_set() and not self._pending_inflight:
+            self._send_results()
+            self._send_samples()
+        self._commit_progress()
+
+    def _guarded(self, where: str, step) -> bool:
+        """Run one step of the link worker; a store error is reported (storehealth), never a traceback loop."""
+        try:
+            step()
+        except sqlite3.Error as exc:
+            # Retried next turn with the same pending state changes: what paho acknowledged is
+            # kept in memory until it can be written.
+            self.health.failed(where, exc)
+            return False
+        except Exception:
+            log.exception("link worker error in %s; continuing", where)
+            time.sleep(0.5)
+            return True
+        self.health.ok(where)
+        return True
 
     def _poke(self) -> None:
         if self.link is not None:

@@ -106,10 +106,17 @@ class SpoolWatcher:
             if self._stop.is_set():
                 break
             done = []
+            unavailable = None
             for path in files[i:i + self._chunk]:
                 self._beat = time.monotonic()
-                if self._classify_file(path):
-                    done.append(path)
+                try:
+                    if self._classify_file(path):
+                        done.append(path)
+                except StoreUnavailable as exc:
+                    # No room for more results: this file stays for a later pass, but the ones
+                    # already classified must be acknowledged first, or they would be read twice.
+                    unavailable = exc
+                    break
                 n += 1
             # Moving a file is its acknowledgement: only after its result is committed,
             # so a crash before this point re-reads the file instead of losing it.
@@ -119,6 +126,8 @@ class SpoolWatcher:
                 self._move(path, self.done)
                 self._counters.inc("spool_processed")
                 self.on_progress()
+            if unavailable is not None:
+                raise unavailable
         return n
 
     def _wait_committed(self, count: int) -> bool:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import sqlite3
 from enum import Enum
 
+from .errors import StoreError
+
 
 class OutboxState(str, Enum):
     QUEUED = "queued"
@@ -129,12 +131,16 @@ def migrate(db: sqlite3.Connection, resend_after_s: float) -> int:
     if found == VERSION:
         return found
     if found not in (0, 2):
-        raise sqlite3.DatabaseError(f"schema version {found} is not one this edge-infer opens (it writes {VERSION} "
-                                    "and upgrades 2); a store written by a newer version needs that version")
+        raise StoreError(f"state database schema version {found} is not one this edge-infer opens (it writes "
+                         f"{VERSION} and upgrades 2): a store written by a newer release needs that release "
+                         "(or `edge-infer reset-store --yes` to start empty)", kind="version")
     db.execute("BEGIN IMMEDIATE")
     try:
         if found == 2:
-            db.execute("ALTER TABLE outbox ADD COLUMN resend_at REAL")
+            # A release before schema 3 opening this file sets the version back to 2 but keeps
+            # the column (and the triggers, which kept counting): upgrade only what is missing.
+            if "resend_at" not in {r[1] for r in db.execute("PRAGMA table_info(outbox)")}:
+                db.execute("ALTER TABLE outbox ADD COLUMN resend_at REAL")
             db.execute("UPDATE outbox SET resend_at = updated_at + ? * (1 << MIN(MAX(attempts - 1, 0), 6)) "
                        "WHERE state = 'delivered'", (resend_after_s,))
         for statement in _split(_TABLES + _V3):

@@ -188,3 +188,16 @@ def test_wait_for_cloud_returns_the_correction_when_it_arrives_in_time(service, 
     # a deadline too short for a round trip gives the local answer at once
     r = service.classify(unsure[0], wait_for_cloud=1e-6)
     assert r.state == "provisional" and r.origin == "edge"
+
+
+def test_status_carries_every_known_counter_even_at_zero(tmp_path):
+    from edge_infer.localbroker import free_port
+    from edge_infer.service import KNOWN_COUNTERS
+    svc = EdgeService(device_config(tmp_path, free_port()))
+    svc.start(connect=False)
+    try:
+        st = svc.status()
+        assert {k: st["counters"][k] for k in KNOWN_COUNTERS} == dict.fromkeys(KNOWN_COUNTERS, 0)
+        assert st["state"] == "online" and st["store"]["ok"] and st["results_stored"] == 0
+    finally:
+        svc.stop()

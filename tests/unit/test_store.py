@@ -174,3 +174,30 @@ def test_prune_also_drops_finished_outbox_rows_of_pruned_results(tmp_path):
     assert s.prune_results(keep=2) == 2          # e0, e1 (final, published) go
     assert s.outbox_counts()["evicted"] == 0     # and their evicted outbox rows with them
     s.close()
+
+
+def test_an_index_damaged_while_running_is_rebuilt_by_repair(tmp_path):
+    import sqlite3
+    db = tmp_path / "db"
+    s = Store(db)
+    s.open()
+    for i in range(300):
+        r, item = make(f"s{i}")
+        s.record(r.__class__(**{**r.__dict__, "source_key": f"k{i}"}), item)
+    s.close()
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    (root,) = con.execute("SELECT rootpage FROM sqlite_master WHERE name='results_source_key'").fetchone()
+    con.close()
+    with open(db, "r+b") as f:
+        f.seek((root - 1) * 4096)
+        f.write(b"\0" * 4096)
+    s = Store(db)
+    s.open(check=False)                       # as if it broke after start-up
+    with pytest.raises(sqlite3.DatabaseError, match="malformed"):
+        s.has_source_key("k1")
+    assert "damaged while running" in s.repair()
+    assert s.has_source_key("k1") and s.counts()["outbox.queued"] == 300
+    s.record(*make("after"))
+    assert s.audit()["results"] == 301
+    s.close()

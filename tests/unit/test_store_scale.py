@@ -58,8 +58,9 @@ def test_every_per_input_and_periodic_query_uses_an_index(tmp_path):
         plan = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql)]
         checked += 1
         # An index walked in order under a LIMIT stops after LIMIT rows (pruning from the oldest): allowed.
-        bad = [p for p in plan if re.match(r"SCAN (results|outbox)\b", p)
-               and not ("USING" in p and "LIMIT" in sql)]
+        # Sorting every matching row for an ORDER BY costs what is stored, however small the LIMIT.
+        bad = [p for p in plan if (re.match(r"SCAN (results|outbox)\b", p)
+                                   and not ("USING" in p and "LIMIT" in sql)) or "TEMP B-TREE" in p]
         if bad:
             scans[sql] = bad
     store.close()
