@@ -4,18 +4,11 @@ One database (WAL) holds both tables so that recording a result together
 with its offloaded sample, and applying a correction to both, are single
 transactions: a crash leaves either all of it or none of it.
 
-Outbox states (names in ``storeschema.OutboxState``)::
-
-    queued -> inflight -> delivered -> corrected
-       |          |           |-----> queued again (no reply by resend_at)
-       |          |           |-----> expired (no correction within max age)
-       |          |           `-----> failed (the cloud answered with an error)
-       |          `-> failed (the broker refused the publish; reason kept)
-       |-> expired (not sent within max age)
-       `-> evicted (the byte budget was full: oldest uncorrected first)
-
-``inflight`` rows go back to ``queued`` at start-up (the process that sent
-them is gone). Results carry a publication sequence number: a result is
+Outbox states are ``storeschema.OutboxState``; every change of state is
+a row of ``storeschema.TRANSITION_ROWS`` (drawn in docs/outbox.md). The
+statements below are built from the table once, at import, and name each
+change's states through ``_into``, which fails the import if the table lacks
+the change. Results carry a publication sequence number: a result is
 (re)published while ``pub_seq > acked_seq``. Sequence numbers are handed out
 inside the transaction that writes them, under the store's lock, so they
 become visible in order: a reader that has seen sequence S will never later
@@ -41,7 +34,10 @@ from . import dbfile
 from .errors import StoreError
 from .protocol import Correction, ErrorReply
 from .result import Result
-from .storeschema import DONE_STATES, OPEN_STATES, OUTBOX_STATES, TABLES, TABLES_SQL, initial_counts, migrate
+from .storeschema import (
+    DONE_STATES, INITIAL_STATE, OPEN_STATES, OUTBOX_STATES, TABLES, TABLES_SQL, TRANSITIONS, OutboxState,
+    initial_counts, migrate, sql_states,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +46,55 @@ _RESULT_COLS = ("sample_id, created_at, source, model, edge_label, edge_conf, la
 #: rows one maintenance transaction touches at most, so the writer never waits long for the lock
 CHUNK = 512
 _RESEND_AT = "? + ? * (1 << MIN(MAX(attempts - 1, 0), 6))"   # the wait doubles per attempt, up to 64x
+
+_S = OutboxState
+
+
+def _into(target: OutboxState, *sources: OutboxState) -> str:
+    """``target`` as an SQL literal, for a statement that moves rows from ``sources`` to it; each
+    change must be in ``storeschema.TRANSITIONS`` (checked once, when this module is imported)."""
+    for source in sources:
+        if target not in TRANSITIONS[source]:
+            raise AssertionError(f"outbox change {source.value} -> {target.value} is not in "
+                                 "storeschema.TRANSITION_ROWS: add it there (with its reason) first")
+    return sql_states(target)
+
+
+_NEW = INITIAL_STATE.value
+#: what the byte budget evicts and what expires: not what is in paho's hands
+_EVICTABLE = (_S.QUEUED, _S.DELIVERED)
+_EXPIRABLE = (_S.QUEUED, _S.DELIVERED)
+#: what the broker can refuse (or the client fail to send)
+_SENDABLE = (_S.QUEUED, _S.INFLIGHT)
+_OPEN = tuple(_S(s) for s in OPEN_STATES)
+#: where a second correction or error reply finds a sample (else it is late: expired, evicted, refused)
+_DUPLICATE_CORRECTION = (_S.CORRECTED.value,)
+_DUPLICATE_ERROR = (_S.CORRECTED.value, _S.FAILED.value)
+
+_SQL_REQUEUE = (f"UPDATE outbox SET state={_into(_S.QUEUED, _S.INFLIGHT)}, updated_at=? "
+                f"WHERE state={sql_states(_S.INFLIGHT)}")
+_SQL_QUEUED = ("SELECT sample_id, created_at, content_type, payload, user_props FROM outbox "
+               f"WHERE state={sql_states(_S.QUEUED)} ORDER BY seq LIMIT ?")
+_SQL_SENT = (f"UPDATE outbox SET state={_into(_S.INFLIGHT, _S.QUEUED)}, attempts=attempts+1, updated_at=? "
+             f"WHERE sample_id=? AND state={sql_states(_S.QUEUED)}")
+_SQL_ACKED = (f"UPDATE outbox SET state={_into(_S.DELIVERED, _S.INFLIGHT)}, updated_at=?, resend_at={_RESEND_AT} "
+              f"WHERE sample_id=? AND state={sql_states(_S.INFLIGHT)}")
+_SQL_REFUSED = (f"UPDATE outbox SET state={_into(_S.FAILED, *_SENDABLE)}, last_error=?, payload=NULL, updated_at=? "
+                f"WHERE sample_id=? AND state IN {sql_states(*_SENDABLE)}")
+_SQL_EVICT = (f"UPDATE outbox SET state={_into(_S.EVICTED, *_EVICTABLE)}, payload=NULL, updated_at=?, last_error=? "
+              "WHERE sample_id=?")
+_SQL_EXPIRE = f"UPDATE outbox SET state={_into(_S.EXPIRED, *_EXPIRABLE)}, payload=NULL, updated_at=? WHERE sample_id=?"
+_SQL_RESEND = (f"UPDATE outbox SET state={_into(_S.QUEUED, _S.DELIVERED)}, updated_at=? WHERE seq IN (SELECT seq "
+               # Named: left to itself the planner takes outbox_state and sorts every
+               # delivered row (65 ms a pass at 100k, measured by bench/store_scale_bench.py).
+               f"FROM outbox INDEXED BY outbox_resend WHERE state={sql_states(_S.DELIVERED)} AND resend_at <= ? "
+               "ORDER BY resend_at LIMIT ?)")
+# replies: the state was read (and found open) in the same transaction
+_SQL_CORRECT = (f"UPDATE outbox SET state={_into(_S.CORRECTED, *_OPEN)}, payload=NULL, updated_at=?, "
+                "applied=applied+1 WHERE sample_id=?")
+_SQL_ERROR = (f"UPDATE outbox SET state={_into(_S.FAILED, *_OPEN)}, last_error=?, payload=NULL, updated_at=? "
+              "WHERE sample_id=?")
+_SQL_PRUNE_OUTBOX = f"DELETE FROM outbox WHERE sample_id=? AND state IN {sql_states(*(_S(s) for s in DONE_STATES))}"
 
 
 @dataclass(frozen=True)
@@ -159,8 +204,7 @@ class Store:
                 notices.append(f"state database upgraded from schema {version} to 3")
             self._last_seq = self._max_seq()
             with self._tx():
-                n = db.execute("UPDATE outbox SET state='queued', updated_at=? WHERE state='inflight'",
-                               (time.time(),)).rowcount
+                n = db.execute(_SQL_REQUEUE, (time.time(),)).rowcount
         except StoreError:
             self.close()
             raise
@@ -250,7 +294,7 @@ class Store:
         power cut), for results whose source is acknowledged next.
         """
         evicted: list[Due] = []
-        samples = [(item.sample_id, item.created_at, item.created_at, "queued", item.content_type,
+        samples = [(item.sample_id, item.created_at, item.created_at, _NEW, item.content_type,
                     item.payload, len(item.payload), item.user_props) for _, item in entries if item is not None]
         with self._tx(durable) as db:
             first = self._last_seq + 1
@@ -283,15 +327,14 @@ class Store:
         now = time.time()
         held = self._count(db, "outbox.bytes")
         while held > self.max_bytes:
-            rows = sorted(r for state in ("queued", "delivered") for r in db.execute(
-                "SELECT seq, sample_id, size FROM outbox WHERE state=? ORDER BY seq LIMIT 64", (state,)))
+            rows = sorted(r for state in _EVICTABLE for r in db.execute(
+                "SELECT seq, sample_id, size FROM outbox WHERE state=? ORDER BY seq LIMIT 64", (state.value,)))
             if not rows:
                 break
             for _, sid, size in rows:
                 if held <= self.max_bytes:
                     break
-                db.execute("UPDATE outbox SET state='evicted', payload=NULL, updated_at=?, last_error=? "
-                           "WHERE sample_id=?", (now, "evicted: outbox.max_bytes reached", sid))
+                db.execute(_SQL_EVICT, (now, "evicted: outbox.max_bytes reached", sid))
                 held -= size
                 due = self._finalize_local(db, sid, "evicted: outbox byte budget full")
                 if due is not None:
@@ -325,9 +368,7 @@ class Store:
     # ------------------------------------------------------------ outbox
     def queued_samples(self, limit: int) -> list[OutboxItem]:
         with self._read() as db:
-            rows = db.execute(
-                "SELECT sample_id, created_at, content_type, payload, user_props FROM outbox WHERE state='queued' "
-                "ORDER BY seq LIMIT ?", (limit,)).fetchall()
+            rows = db.execute(_SQL_QUEUED, (limit,)).fetchall()
         return [OutboxItem(*r) for r in rows]
 
     def commit_progress(self, *, inflight: Iterable[str] = (), delivered: Iterable[str] = (),
@@ -337,11 +378,8 @@ class Store:
         for a resend at ``resend_at``), and result publications it acknowledged."""
         now = time.time()
         with self._tx() as db:
-            db.executemany("UPDATE outbox SET state='inflight', attempts=attempts+1, updated_at=? "
-                           "WHERE sample_id=? AND state='queued'", [(now, s) for s in inflight])
-            db.executemany(f"UPDATE outbox SET state='delivered', updated_at=?, resend_at={_RESEND_AT} "
-                           "WHERE sample_id=? AND state='inflight'",
-                           [(now, now, self.resend_after_s, s) for s in delivered])
+            db.executemany(_SQL_SENT, [(now, s) for s in inflight])
+            db.executemany(_SQL_ACKED, [(now, now, self.resend_after_s, s) for s in delivered])
             db.executemany("UPDATE results SET acked_seq=? WHERE sample_id=? AND acked_seq < ?",
                            [(seq, sid, seq) for sid, seq in acked_results])
 
@@ -349,8 +387,7 @@ class Store:
         """The broker refused the sample: it is not retried; the local answer becomes final."""
         now = time.time()
         with self._tx() as db:
-            n = db.execute("UPDATE outbox SET state='failed', last_error=?, payload=NULL, updated_at=? "
-                           "WHERE sample_id=? AND state IN ('queued','inflight')", (reason, now, sample_id)).rowcount
+            n = db.execute(_SQL_REFUSED, (reason, now, sample_id)).rowcount
             return self._finalize_local(db, sample_id, reason) if n else None
 
     def _finalize_local(self, db: sqlite3.Connection, sample_id: str, reason: str) -> Due | None:
@@ -371,15 +408,14 @@ class Store:
         cutoff = now - max_age_s
         due: list[Due] = []
         with self._tx() as db:
-            for state in ("queued", "delivered"):
+            for state in _EXPIRABLE:
                 rows = db.execute("SELECT sample_id, created_at FROM outbox WHERE state=? ORDER BY seq LIMIT ?",
-                                  (state, CHUNK)).fetchall()
+                                  (state.value, CHUNK)).fetchall()
                 for sid, created in rows:
                     if created >= cutoff:
                         # seq follows creation (to within the writer's batching), so the rest are younger
                         break
-                    db.execute("UPDATE outbox SET state='expired', payload=NULL, updated_at=? WHERE sample_id=?",
-                               (now, sid))
+                    db.execute(_SQL_EXPIRE, (now, sid))
                     d = self._finalize_local(db, sid, "expired")
                     if d is not None:
                         due.append(d)
@@ -397,12 +433,7 @@ class Store:
         """
         now = time.time() if now is None else now
         with self._tx() as db:
-            return db.execute("UPDATE outbox SET state='queued', updated_at=? WHERE seq IN (SELECT seq FROM outbox "
-                              # Named: left to itself the planner takes outbox_state and sorts every
-                              # delivered row (65 ms a pass at 100k, measured by bench/store_scale_bench.py).
-                              "INDEXED BY outbox_resend "
-                              "WHERE state='delivered' AND resend_at <= ? ORDER BY resend_at LIMIT ?)",
-                              (now, now, CHUNK)).rowcount
+            return db.execute(_SQL_RESEND, (now, now, CHUNK)).rowcount
 
     # ------------------------------------------------------------ replies
     def apply_correction(self, c: Correction, now: float | None = None) -> ApplyOutcome:
@@ -413,10 +444,9 @@ class Store:
             if row is None:
                 return ApplyOutcome(None, "unknown")
             if row[0] not in OPEN_STATES:
-                return ApplyOutcome(None, "duplicate" if row[0] == "corrected" else "late")
+                return ApplyOutcome(None, "duplicate" if row[0] in _DUPLICATE_CORRECTION else "late")
             # ``applied`` counts applications; the state check above keeps it at most 1 (fault tests audit it).
-            db.execute("UPDATE outbox SET state='corrected', payload=NULL, updated_at=?, applied=applied+1 "
-                       "WHERE sample_id=?", (now, c.sample_id))
+            db.execute(_SQL_CORRECT, (now, c.sample_id))
             seq = self._next_seq()
             db.execute("UPDATE results SET label=?, label_name=?, confidence=?, origin='cloud', state='final', "
                        "corrected_at=?, cloud_model=?, pub_seq=? WHERE sample_id=?",
@@ -431,10 +461,9 @@ class Store:
             if row is None:
                 return ApplyOutcome(None, "unknown")
             if row[0] not in OPEN_STATES:
-                return ApplyOutcome(None, "duplicate" if row[0] in ("corrected", "failed") else "late")
+                return ApplyOutcome(None, "duplicate" if row[0] in _DUPLICATE_ERROR else "late")
             reason = f"cloud error {e.code}: {e.message}"
-            db.execute("UPDATE outbox SET state='failed', last_error=?, payload=NULL, updated_at=? WHERE sample_id=?",
-                       (reason, time.time(), e.sample_id))
+            db.execute(_SQL_ERROR, (reason, time.time(), e.sample_id))
             return ApplyOutcome(self._finalize_local(db, e.sample_id, reason), "applied")
 
     # ------------------------------------------------------------ queries
@@ -496,8 +525,7 @@ class Store:
                     "DELETE FROM results WHERE rowid IN (SELECT rowid FROM results WHERE state='final' "
                     "AND acked_seq >= pub_seq ORDER BY created_at LIMIT ?) RETURNING sample_id",
                     (min(excess, CHUNK),)).fetchall()]
-                db.executemany(f"DELETE FROM outbox WHERE sample_id=? AND state IN {DONE_STATES}",
-                               [(i,) for i in ids])
+                db.executemany(_SQL_PRUNE_OUTBOX, [(i,) for i in ids])
             done += len(ids)
             if len(ids) < min(excess, CHUNK):
                 return done   # the rest are unpublished or provisional: they stay

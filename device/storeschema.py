@@ -15,6 +15,7 @@ from .errors import StoreError
 
 
 class OutboxState(str, Enum):
+    """The state of an offloaded sample; how it changes is ``TRANSITION_ROWS`` below."""
     QUEUED = "queued"
     INFLIGHT = "inflight"
     DELIVERED = "delivered"
@@ -24,11 +25,51 @@ class OutboxState(str, Enum):
     FAILED = "failed"
 
 
+_S = OutboxState
+#: the state of a sample when it is recorded
+INITIAL_STATE = _S.QUEUED
+
+#: Every change of state the store makes, and why: (from these states, to, reason). An edge may
+#: be listed with more than one reason. ``store.py`` builds its statements from this table (it
+#: fails on import otherwise), tests/unit/test_store.py traces the changes the store really
+#: makes against it, and scripts/gen_state_docs.py draws the docs' diagram from it.
+TRANSITION_ROWS: tuple[tuple[tuple[OutboxState, ...], OutboxState, str], ...] = (
+    ((_S.QUEUED,), _S.INFLIGHT, "handed to the MQTT client"),
+    ((_S.INFLIGHT,), _S.DELIVERED, "the broker acknowledged it (PUBACK)"),
+    ((_S.INFLIGHT,), _S.QUEUED, "at start-up: the process that sent it is gone"),
+    ((_S.DELIVERED,), _S.QUEUED, "no reply by resend_at (outbox.resend_after_s, doubling up to 64x)"),
+    ((_S.QUEUED, _S.INFLIGHT, _S.DELIVERED), _S.CORRECTED,
+     "a correction was applied (it can overtake the device's bookkeeping)"),
+    ((_S.QUEUED, _S.DELIVERED), _S.EXPIRED, "not corrected within outbox.max_age_s of its creation"),
+    ((_S.QUEUED, _S.DELIVERED), _S.EVICTED, "outbox.max_bytes reached: oldest uncorrected first"),
+    ((_S.QUEUED, _S.INFLIGHT), _S.FAILED, "the broker refused it or the client could not send it (reason kept)"),
+    ((_S.QUEUED, _S.INFLIGHT, _S.DELIVERED), _S.FAILED, "a worker answered with an error reply (its code kept)"),
+)
+#: the reasons of each edge, in the table's order
+TRANSITION_REASONS: dict[tuple[OutboxState, OutboxState], tuple[str, ...]] = {}
+for _sources, _to, _why in TRANSITION_ROWS:
+    for _from in _sources:
+        TRANSITION_REASONS[_from, _to] = TRANSITION_REASONS.get((_from, _to), ()) + (_why,)
+#: the states each state may change to (done states: none)
+TRANSITIONS: dict[OutboxState, frozenset[OutboxState]] = {
+    s: frozenset(to for (frm, to) in TRANSITION_REASONS if frm is s) for s in OutboxState}
+del _sources, _to, _why, _from
+
 OUTBOX_STATES = tuple(s.value for s in OutboxState)
 #: states in which a reply from the cloud may still be applied
-OPEN_STATES = ("queued", "inflight", "delivered")
-#: states whose rows are done with: pruned together with their results
-DONE_STATES = ("corrected", "expired", "evicted", "failed")
+OPEN_STATES = tuple(s.value for s in OutboxState if _S.CORRECTED in TRANSITIONS[s])
+#: states whose rows are done with (never left): pruned together with their results
+DONE_STATES = tuple(s.value for s in OutboxState if not TRANSITIONS[s])
+assert set(OPEN_STATES) | set(DONE_STATES) == set(OUTBOX_STATES), "a state is neither open nor done"
+
+
+def sql_states(*states: OutboxState) -> str:
+    """States as SQL literals: ``'queued'``, or ``('queued','inflight')`` for ``IN``. Literals, not
+    parameters: the partial index on delivered rows is used only when the query names the state."""
+    if len(states) == 1:
+        return f"'{states[0].value}'"
+    return "(" + ",".join(f"'{s.value}'" for s in states) + ")"
+
 
 VERSION = 3
 
@@ -75,8 +116,8 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state, seq);
 """
 
-_V3 = """
-CREATE INDEX IF NOT EXISTS outbox_resend ON outbox(resend_at) WHERE state = 'delivered';
+_V3 = f"""
+CREATE INDEX IF NOT EXISTS outbox_resend ON outbox(resend_at) WHERE state = {sql_states(OutboxState.DELIVERED)};
 CREATE TABLE IF NOT EXISTS counts (name TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS outbox_ins AFTER INSERT ON outbox BEGIN
     UPDATE counts SET n = n + 1 WHERE name = 'outbox.' || NEW.state;
@@ -142,7 +183,7 @@ def migrate(db: sqlite3.Connection, resend_after_s: float) -> int:
             if "resend_at" not in {r[1] for r in db.execute("PRAGMA table_info(outbox)")}:
                 db.execute("ALTER TABLE outbox ADD COLUMN resend_at REAL")
             db.execute("UPDATE outbox SET resend_at = updated_at + ? * (1 << MIN(MAX(attempts - 1, 0), 6)) "
-                       "WHERE state = 'delivered'", (resend_after_s,))
+                       f"WHERE state = {sql_states(OutboxState.DELIVERED)}", (resend_after_s,))
         for statement in _split(_TABLES + _V3):
             db.execute(statement)
         db.executemany("INSERT OR REPLACE INTO counts (name, n) VALUES (?, ?)", initial_counts(db))

@@ -1,12 +1,17 @@
 """The SQLite store on a real database file (no fakes: SQLite is the component)."""
+import random
+import re
 import time
+from pathlib import Path
 
 import pytest
 
+from edge_infer import store as store_module
 from edge_infer.protocol import Correction, ErrorReply
 from edge_infer.result import Result
 from edge_infer.errors import StoreError
 from edge_infer.store import OutboxItem, Store
+from edge_infer.storeschema import INITIAL_STATE, OUTBOX_STATES, TRANSITIONS
 
 
 def make(sid: str, offloaded: bool = True, created: float | None = None,
@@ -201,3 +206,130 @@ def test_an_index_damaged_while_running_is_rebuilt_by_repair(tmp_path):
     s.record(*make("after"))
     assert s.audit()["results"] == 301
     s.close()
+
+
+# ------------------------------------------------------------ the state machine is the table
+#: every change storeschema allows, plus the insert of a new sample (from None)
+ALLOWED = {(None, INITIAL_STATE.value)} | {(a.value, b.value) for a, targets in TRANSITIONS.items() for b in targets}
+
+
+@pytest.fixture
+def traced(monkeypatch):
+    """Every change of an outbox row's state, on every connection the store opens, as SQLite sees it:
+    temporary triggers call back into Python, whatever statement made the change."""
+    seen: list[tuple[str | None, str]] = []
+    real = store_module.migrate
+
+    def migrate_and_trace(db, resend_after_s):
+        found = real(db, resend_after_s)
+        db.create_function("trace_state", 2, lambda old, new: seen.append((old, new)))
+        db.execute("CREATE TEMP TRIGGER IF NOT EXISTS trace_ins AFTER INSERT ON main.outbox "
+                   "BEGIN SELECT trace_state(NULL, NEW.state); END")
+        db.execute("CREATE TEMP TRIGGER IF NOT EXISTS trace_upd AFTER UPDATE ON main.outbox "
+                   "WHEN OLD.state IS NOT NEW.state BEGIN SELECT trace_state(OLD.state, NEW.state); END")
+        return found
+
+    monkeypatch.setattr(store_module, "migrate", migrate_and_trace)
+    return seen
+
+
+def test_every_transition_the_store_makes_is_in_the_table_and_every_one_is_made(tmp_path, traced):
+    """Drives each state-changing method from each state it accepts (and some it must refuse).
+    Fails when the store makes a change that storeschema.TRANSITION_ROWS (and so the docs) lacks,
+    or when the table lists one the store never makes."""
+    path = tmp_path / "db"
+    s = Store(path, resend_after_s=1.0)
+    s.open()
+    old = time.time() - 1000
+
+    def at(sid, state, created=None, size=3):
+        s.record(*make(sid, created=created, payload=b"x" * size))
+        if state in ("inflight", "delivered"):
+            s.commit_progress(inflight=[sid])
+        if state == "delivered":
+            s.commit_progress(delivered=[sid])
+        assert s.outbox_state(sid)[0] == state
+
+    # expiry reads each state's oldest rows: these go first
+    for state in ("queued", "inflight", "delivered"):
+        at(f"old-{state}", state, created=old)
+    s.expire(max_age_s=500)
+    assert [s.outbox_state(f"old-{x}")[0] for x in ("queued", "inflight", "delivered")] == [
+        "expired", "inflight", "expired"]
+    for state in ("queued", "inflight", "delivered"):
+        at(f"corr-{state}", state)
+        assert s.apply_correction(Correction(f"corr-{state}", 2, "c", 0.9, "m", "w")).reason == "applied"
+        at(f"err-{state}", state)
+        assert s.apply_error(ErrorReply(f"err-{state}", "bad_image", "no", "w")).reason == "applied"
+    for state in ("queued", "inflight"):
+        at(f"refused-{state}", state)
+        assert s.mark_failed(f"refused-{state}", "refused by broker: x") is not None
+    at("refused-delivered", "delivered")
+    assert s.mark_failed("refused-delivered", "refused by broker: x") is None     # refused: not in the table
+    at("resend", "delivered")
+    assert s.resend_stale(now=time.time() + 10) >= 1
+    # the byte budget: the oldest delivered sample, then the oldest queued one, go; in-flight ones stay
+    at("big-inflight", "inflight", size=1000)
+    at("big-delivered", "delivered", size=1000)
+    at("big-queued", "queued", size=1000)
+    s.max_bytes = s.counts()["outbox.bytes"] - 500
+    s.record(*make("big-new", payload=b"x" * 500))
+    s.record(*make("big-new2", payload=b"x" * 500))
+    assert [s.outbox_state(f"big-{x}")[0] for x in ("inflight", "delivered", "queued")] == [
+        "inflight", "evicted", "evicted"]
+    s.max_bytes = None
+    # replies to done samples change nothing
+    for sid in ("corr-queued", "err-queued", "old-queued", "big-queued"):
+        s.apply_correction(Correction(sid, 2, "c", 0.9, "m", "w"))
+        s.apply_error(ErrorReply(sid, "bad_image", "no", "w"))
+        s.mark_failed(sid, "x")
+    s.close()
+    s = Store(path)
+    assert s.open() >= 1       # in-flight ones go back to queued
+    s.close()
+
+    made = set(traced)
+    assert made <= ALLOWED, f"changes missing from storeschema.TRANSITION_ROWS: {sorted(made - ALLOWED, key=str)}"
+    assert made == ALLOWED, f"listed but never made by the store: {sorted(ALLOWED - made, key=str)}"
+
+
+def test_random_operations_only_make_transitions_in_the_table(tmp_path, traced):
+    """Any method on any sample in any order (replies to done samples, sends of delivered ones, ...)."""
+    rng = random.Random(10)
+    s = Store(tmp_path / "db", max_bytes=4_000, resend_after_s=0.0)
+    s.open()
+    ids: list[str] = []
+    for step in range(600):
+        op = rng.choice(["record", "send", "ack", "correct", "error", "refuse", "resend", "expire", "reopen"])
+        sid = rng.choice(ids) if ids else "none"
+        if op == "record" or not ids:
+            ids.append(f"s{step}")
+            s.record(*make(ids[-1], created=time.time() - rng.choice([0, 1000]), payload=b"x" * rng.randint(1, 900)))
+        elif op == "send":
+            s.commit_progress(inflight=[sid])
+        elif op == "ack":   # what was sent, or (half the time) sent and acknowledged in one turn
+            s.commit_progress(inflight=[sid] if rng.random() < 0.5 else [], delivered=[sid])
+        elif op == "correct":
+            s.apply_correction(Correction(sid, 2, "c", 0.9, "m", "w"))
+        elif op == "error":
+            s.apply_error(ErrorReply(sid, "bad_image", "no", "w"))
+        elif op == "refuse":
+            s.mark_failed(sid, "refused by broker: x")
+        elif op == "resend":
+            s.resend_stale(now=time.time() + 1)
+        elif op == "expire":
+            s.expire(max_age_s=500)
+        else:
+            s.close()
+            s = Store(tmp_path / "db", max_bytes=4_000, resend_after_s=0.0)
+            s.open()
+    s.close()
+    assert set(traced) <= ALLOWED, sorted(set(traced) - ALLOWED, key=str)
+    assert len({new for _, new in traced}) == len(OUTBOX_STATES)   # the run reached every state
+
+
+def test_store_sql_names_outbox_states_through_the_enum():
+    """No outbox state spelled as an SQL literal in store.py: its statements take them from storeschema."""
+    source = Path(store_module.__file__).read_text()
+    literals = re.findall(r"'(%s)'" % "|".join(OUTBOX_STATES), source)
+    assert not literals, literals
