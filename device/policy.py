@@ -70,3 +70,23 @@ class OffloadPolicy:
         return True, "", replace(refilled, samples=samples - 1.0 if self.max_samples_per_minute else samples,
                                  bytes=byts - nbytes if self.max_bytes_per_hour else byts)
 
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    send: bool
+    #: why it is offloaded ("below_threshold", "audit"), or why not although it was wanted ("budget_samples",
+    #: "budget_bytes"); None when the model was confident or offloading is off
+    reason: str | None
+    budget: BudgetState
+
+
+def plan_offload(policy: OffloadPolicy, wants: Decision, budget: BudgetState, now: float,
+                 payload_size: int) -> OffloadPlan:
+    """Whether a sample the policy wants to offload fits the budget. No clock, RNG or I/O: the caller passes them."""
+    if not wants.offload:
+        return OffloadPlan(False, None, budget)
+    if not policy.has_budget:
+        return OffloadPlan(True, wants.reason, budget)
+    ok, why, budget = policy.admit(budget, now, payload_size)
+    return OffloadPlan(ok, wants.reason if ok else why, budget)

@@ -48,7 +48,7 @@ def test_disk_full_pauses_the_spool_reports_degraded_and_recovers_without_duplic
         assert "store cannot commit" in svc.healthy()[1]
         # The spool waits on its first chunk: nothing moved, nothing read twice, the rest untouched.
         assert not list((spool / "done").iterdir())
-        pending = svc._enqueued - svc._committed
+        pending = svc.writer.pending
         assert 0 < pending <= 32
         assert svc.counters.get("spool_processed") == 0
         fs.free()
@@ -98,7 +98,7 @@ def test_backpressure_holds_a_full_speed_burst_to_the_bound(tmp_path, fmnist):
         images = fmnist["test"].images[:3000]
         for im in images:
             svc.classify(im)
-            peak = max(peak, svc._enqueued - svc._committed)
+            peak = max(peak, svc.writer.pending)
         assert svc.flush()
         assert peak <= 64
         assert svc.store.audit()["results"] == 3000
