@@ -45,7 +45,7 @@ from edge_infer.calibration import (
     DEFAULT_ROUTER_FEATURES, RouterTraining, Split, bootstrap_kept_difference, calibrate_arrays, evaluate_score,
     fit_router_arrays, fold_indices, kept_share_at, router_labels,
 )
-from edge_infer.confidence import router_features
+from edge_infer.scores import router_features
 from edge_infer.datasets import DEFAULT_FMNIST_DIR
 from edge_infer.modelcard import load_card, verified_model_bytes
 
@@ -110,9 +110,9 @@ def shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 def tta_logits(card, images: np.ndarray) -> np.ndarray:
     """Log of the mean softmax over the image and its four 1-pixel shifts (5 invokes per input)."""
-    from edge_infer.confidence import softmax
+    from edge_infer.scores import softmax
     views = [images] + [shifted(images, dy, dx) for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0))]
-    probs = np.mean([softmax(edge_logits(card, v, progress=False, label="edge tta")) for v in views], axis=0)
+    probs = np.mean([softmax(edge_logits(card, v, progress=False, label="edge tta").astype(np.float64)) for v in views], axis=0)
     return np.log(np.maximum(probs, 1e-12)).astype(np.float32)
 
 
@@ -205,7 +205,7 @@ def main() -> int:
         t0 = time.monotonic()
         tv = Split(tta_logits(card, val_set.images), val.labels, val.cloud_pred)
         tt = Split(tta_logits(card, test_set.images), test.labels, test.cloud_pred)
-        from edge_infer.confidence import ScoreParams, make_scorer
+        from edge_infer.scores import ScoreParams, make_scorer
         f = make_scorer("max_softmax", ScoreParams())
         add_bound("tta5[max_softmax]", f(tv.logits), f(tt.logits), tv, tt, "needs 5 invokes per input")
         notes["tta"] = (f"mean softmax over the image and 4 one-pixel shifts; its own edge accuracy "

@@ -34,7 +34,8 @@ import numpy as np
 from .calibration import (
     DEFAULT_ROUTER_FEATURES, ROUTER_MODELS, Calibration, RouterTraining, Split, calibrate_arrays,
 )
-from .confidence import FEATURES, ROUTER_TARGETS, SCORES, as_score_logits, save_router
+from .router import FEATURES, ROUTER_TARGETS, save_router
+from .scores import SCORES, as_score_logits
 from .datasets import DEFAULT_FMNIST_DIR, DatasetError, fashion_mnist_splits, load_npz
 from .modelcard import ModelCard, ModelCardError, load_card
 

@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .confidence import (
-    SCORES, DenseLayer, FittedRouter, RouterParams, ScoreParams, feature_width, make_scorer, router_features,
-)
+from .router import DenseLayer, FittedRouter, RouterParams, feature_width
+from .scores import SCORES, ScoreParams, make_scorer, router_features
 
 log = logging.getLogger(__name__)
 

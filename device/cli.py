@@ -59,9 +59,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    from .confidence import RouterFileError
     from .errors import EdgeInferError
     from .modelcard import ModelCardError
+    from .router import RouterFileError
     try:
         service = EdgeService(cfg)
         service.start()

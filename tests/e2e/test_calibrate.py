@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from edge_infer.calibrate import add_calibrate_arguments, edge_logits, run_calibrate
-from edge_infer.confidence import SCORES, ScoreParams, load_router, make_scorer
+from edge_infer.router import load_router
+from edge_infer.scores import SCORES, ScoreParams, make_scorer
 from edge_infer.datasets import fashion_mnist_splits
 from edge_infer.modelcard import load_card
 from edge_infer.preprocess import encode_png

@@ -12,7 +12,7 @@ from edge_infer.calibration import (
     cross_fit_router, evaluate_threshold, fit_temperature, fold_indices, kept_share_at, nll, offload_curve,
     oracle_score, router_labels, select_threshold, train_router,
 )
-from edge_infer.confidence import ScoreParams, make_scorer, softmax
+from edge_infer.scores import ScoreParams, make_scorer, softmax
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -1,4 +1,4 @@
-"""Confidence scores and router files (edge_infer.confidence)."""
+"""Confidence scores (edge_infer.scores) and the learned router and its files (edge_infer.router)."""
 from __future__ import annotations
 
 import json
@@ -7,11 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from edge_infer.confidence import (
-    SCORES, DenseLayer, RouterFileError, RouterParams, ScoreParams, as_score_logits, load_router, make_scorer,
-    router_features, router_from_dict, router_to_dict, save_router, softmax,
+from edge_infer.router import (
+    DenseLayer, RouterFileError, RouterParams, load_router, router_from_dict, router_to_dict, save_router,
 )
-from edge_infer.scores import max_softmax_batch
+from edge_infer.scores import (
+    SCORES, ScoreParams, as_score_logits, make_scorer, max_softmax_batch, router_features, softmax,
+)
 
 
 def scorer(name: str, **kw) -> callable:
@@ -20,6 +21,15 @@ def scorer(name: str, **kw) -> callable:
 
 def test_the_interface_lists_the_five_scores():
     assert SCORES == ("max_softmax", "temperature", "margin", "entropy", "router")
+
+
+def test_the_device_config_accepts_exactly_the_score_names():
+    import dataclasses
+
+    from edge_infer.config import PolicyConfig
+    check = next(f for f in dataclasses.fields(PolicyConfig) if f.name == "score").metadata["check"]
+    assert all(check(name) is None for name in SCORES)
+    assert check("maxprob") == "must be one of: " + ", ".join(repr(name) for name in SCORES)
 
 
 def test_scores_on_a_hand_computed_example():
