@@ -73,7 +73,7 @@ _DUPLICATE_ERROR = (_S.CORRECTED.value, _S.FAILED.value)
 
 _SQL_REQUEUE = (f"UPDATE outbox SET state={_into(_S.QUEUED, _S.INFLIGHT)}, updated_at=? "
                 f"WHERE state={sql_states(_S.INFLIGHT)}")
-_SQL_QUEUED = ("SELECT sample_id, created_at, content_type, payload, user_props FROM outbox "
+_SQL_QUEUED = ("SELECT sample_id, created_at, content_type, payload, user_props, result_seq FROM outbox "
                f"WHERE state={sql_states(_S.QUEUED)} ORDER BY seq LIMIT ?")
 _SQL_SENT = (f"UPDATE outbox SET state={_into(_S.INFLIGHT, _S.QUEUED)}, attempts=attempts+1, updated_at=? "
              f"WHERE sample_id=? AND state={sql_states(_S.QUEUED)}")
@@ -105,6 +105,8 @@ class OutboxItem:
     payload: bytes
     #: MQTT v5 user properties, packed as sent (opaque to the store)
     user_props: bytes
+    #: publication sequence of its result's provisional version (set by the store; 0 = already published)
+    result_seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -294,12 +296,13 @@ class Store:
         power cut), for results whose source is acknowledged next.
         """
         evicted: list[Due] = []
-        samples = [(item.sample_id, item.created_at, item.created_at, _NEW, item.content_type,
-                    item.payload, len(item.payload), item.user_props) for _, item in entries if item is not None]
         with self._tx(durable) as db:
             first = self._last_seq + 1
             self._last_seq += len(entries)
             seqs = list(range(first, first + len(entries)))
+            samples = [(item.sample_id, item.created_at, item.created_at, _NEW, item.content_type,
+                        item.payload, len(item.payload), item.user_props, seq)
+                       for (_, item), seq in zip(entries, seqs) if item is not None]
             db.executemany(f"INSERT INTO results ({_RESULT_COLS}, pub_seq, source_key) "
                            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                            [(r.sample_id, r.created_at, r.source, r.model_id, r.edge_label, r.edge_confidence,
@@ -309,7 +312,7 @@ class Store:
             if samples:
                 db.executemany(
                     "INSERT INTO outbox (sample_id, created_at, updated_at, state, content_type, payload, size, "
-                    "user_props) VALUES (?,?,?,?,?,?,?,?)", samples)
+                    "user_props, result_seq) VALUES (?,?,?,?,?,?,?,?,?)", samples)
                 if self.max_bytes is not None and self._count(db, "outbox.bytes") > self.max_bytes:
                     evicted = self._evict(db)
         return RecordOutcome(seqs, evicted)

@@ -111,7 +111,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     attempts     INTEGER NOT NULL DEFAULT 0,
     applied      INTEGER NOT NULL DEFAULT 0,
     last_error   TEXT,
-    resend_at    REAL
+    resend_at    REAL,
+    -- the publication sequence of its result's first (provisional) version: the sample is sent
+    -- only after that version was handed to the broker, so subscribers see provisional, then final
+    result_seq   INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state, seq);
 """
@@ -180,8 +183,12 @@ def migrate(db: sqlite3.Connection, resend_after_s: float) -> int:
         if found == 2:
             # A release before schema 3 opening this file sets the version back to 2 but keeps
             # the column (and the triggers, which kept counting): upgrade only what is missing.
-            if "resend_at" not in {r[1] for r in db.execute("PRAGMA table_info(outbox)")}:
+            columns = {r[1] for r in db.execute("PRAGMA table_info(outbox)")}
+            if "resend_at" not in columns:
                 db.execute("ALTER TABLE outbox ADD COLUMN resend_at REAL")
+            if "result_seq" not in columns:
+                # 0: results of a previous release were published (or are republished at start) first anyway
+                db.execute("ALTER TABLE outbox ADD COLUMN result_seq INTEGER NOT NULL DEFAULT 0")
             db.execute("UPDATE outbox SET resend_at = updated_at + ? * (1 << MIN(MAX(attempts - 1, 0), 6)) "
                        f"WHERE state = {sql_states(OutboxState.DELIVERED)}", (resend_after_s,))
         for statement in _split(_TABLES + _V3):

@@ -260,7 +260,9 @@ class Uplink:
         if free <= 0:
             return
         # Rows sent in this turn become 'inflight' in _commit_progress, before the next select.
-        items = self.store.queued_samples(free)
+        # A sample waits until its provisional result is with paho (results go first, in order),
+        # so a fast correction cannot overtake it: subscribers see provisional, then final.
+        items = [it for it in self.store.queued_samples(free) if it.result_seq <= self._pub_cursor]
         sent = self._pending_inflight
         for it in items:
             try:

@@ -201,3 +201,27 @@ def test_status_carries_every_known_counter_even_at_zero(tmp_path):
         assert st["state"] == "online" and st["store"]["ok"] and st["results_stored"] == 0
     finally:
         svc.stop()
+
+
+def test_a_fast_correction_never_overtakes_the_provisional_result(tmp_path, broker, worker, fmnist, recorder_factory,
+                                                                  monkeypatch):
+    """Results published one at a time (a slow uplink) while samples go out 32 at a time: each offloaded
+    input is still published provisional first, then final."""
+    import edge_infer.uplink as uplink_mod
+    monkeypatch.setattr(uplink_mod, "RESULTS_BATCH", 1)
+    monkeypatch.setattr(uplink_mod, "RESULTS_WINDOW", 1)
+    svc = EdgeService(device_config(tmp_path, broker.port))
+    svc.start()
+    try:
+        wait_for(svc.link.connected.is_set, what="device connected")
+        rec = recorder_factory(svc.topics.results)
+        results = [svc.classify(im) for im in fmnist["test"].images[:300]]
+        offloaded = {r.sample_id for r in results if r.offloaded}
+        wait_for(lambda: drained(svc.store), timeout=60, what="all corrections applied and published")
+        wait_for(lambda: len(rec.results(svc.topics.results)) >= 300 + len(offloaded), what="all results received")
+        states: dict[str, list[str]] = {}
+        for m in rec.results(svc.topics.results):
+            states.setdefault(m["sample_id"], []).append(m["state"])
+        assert {sid: s for sid, s in states.items() if sid in offloaded and s != ["provisional", "final"]} == {}
+    finally:
+        svc.stop()
