@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from edge_infer.config import MqttConfig, topic_safe_id
-from edge_infer.tomlcfg import build, in_range, load_toml, option, positive
+from edge_infer.tomlcfg import build, in_range, load_toml, option, positive, resolve_paths
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,9 +50,6 @@ class WorkerConfig:
 
 
 def load_worker_config(path: str | Path) -> WorkerConfig:
+    """Relative paths in the file (model card, TLS files) are relative to the file's folder."""
     path = Path(path)
-    cfg = build(WorkerConfig, load_toml(path))
-    card = cfg.model.card
-    if not card.is_absolute():
-        cfg = replace(cfg, model=replace(cfg.model, card=path.resolve().parent / card))
-    return cfg
+    return resolve_paths(build(WorkerConfig, load_toml(path)), path.resolve().parent)

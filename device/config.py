@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .tomlcfg import ConfigError, build, in_range, load_toml, non_negative, one_of, option, positive
+from .tomlcfg import ConfigError, build, in_range, load_toml, non_negative, one_of, option, positive, resolve_paths
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -156,30 +156,9 @@ class DeviceConfig:
 
 
 def parse_device_config(table: dict, base_dir: Path | None = None) -> DeviceConfig:
+    """``base_dir``: relative paths in a config file are relative to the file's folder."""
     cfg = build(DeviceConfig, table)
-    if base_dir is not None:
-        cfg = _resolve_paths(cfg, base_dir)
-    return cfg
-
-
-def _resolve_paths(cfg: DeviceConfig, base: Path) -> DeviceConfig:
-    """Relative paths in a config file are relative to the file's folder."""
-    from dataclasses import replace
-
-    def rel(p: Path | None) -> Path | None:
-        return p if p is None or p.is_absolute() else (base / p)
-
-    tls = cfg.mqtt.tls
-    if tls is not None:
-        tls = replace(tls, ca_file=rel(tls.ca_file), cert_file=rel(tls.cert_file), key_file=rel(tls.key_file))
-    return replace(
-        cfg,
-        mqtt=replace(cfg.mqtt, tls=tls),
-        state_dir=rel(cfg.state_dir),
-        model=replace(cfg.model, card=rel(cfg.model.card)),
-        policy=replace(cfg.policy, router_file=rel(cfg.policy.router_file)),
-        spool=replace(cfg.spool, dir=rel(cfg.spool.dir)),
-    )
+    return resolve_paths(cfg, base_dir) if base_dir is not None else cfg
 
 
 def load_device_config(path: str | Path) -> DeviceConfig:

@@ -175,3 +175,23 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
             default = "(required)"
         rows.append((key, _type_name(tp), default, f.metadata.get("help", "")))
     return rows
+
+
+def resolve_paths(cfg: T, base: Path) -> T:
+    """Every path in a config, at any depth, made relative to ``base`` (the config file's folder).
+
+    One resolver for every program's config: a path field added later is
+    resolved without anyone remembering to (the worker once read its TLS
+    files from the working directory).
+    """
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):  # type: ignore[arg-type]
+        value = getattr(cfg, f.name)
+        if isinstance(value, Path):
+            if not value.is_absolute():
+                changes[f.name] = base / value
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            resolved = resolve_paths(value, base)
+            if resolved is not value:
+                changes[f.name] = resolved
+    return dataclasses.replace(cfg, **changes) if changes else cfg

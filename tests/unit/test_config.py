@@ -71,3 +71,20 @@ def test_config_is_frozen():
     cfg = parse_device_config(BASE)
     with pytest.raises(AttributeError):
         cfg.device_id = "x"  # type: ignore[misc]
+
+
+def test_both_programs_resolve_every_relative_path_against_their_config_file(tmp_path):
+    """The worker once read its TLS files from the working directory; one resolver serves both configs now."""
+    from edge_infer.config import load_device_config
+    from edge_infer_cloud.config import load_worker_config
+    tls = '[mqtt.tls]\nca_file = "pki/ca.pem"\ncert_file = "pki/me.pem"\nkey_file = "pki/me.key"\n'
+    (tmp_path / "worker.toml").write_text('[model]\ncard = "m/card.json"\n' + tls)
+    w = load_worker_config(tmp_path / "worker.toml")
+    assert w.model.card == tmp_path / "m" / "card.json"
+    assert (w.mqtt.tls.ca_file, w.mqtt.tls.cert_file, w.mqtt.tls.key_file) == (
+        tmp_path / "pki" / "ca.pem", tmp_path / "pki" / "me.pem", tmp_path / "pki" / "me.key")
+    (tmp_path / "device.toml").write_text('device_id = "d1"\nstate_dir = "state"\n[model]\ncard = "m/card.json"\n'
+                                          '[spool]\ndir = "in"\n' + tls)
+    d = load_device_config(tmp_path / "device.toml")
+    assert (d.state_dir, d.model.card, d.spool.dir, d.mqtt.tls.key_file) == (
+        tmp_path / "state", tmp_path / "m" / "card.json", tmp_path / "in", tmp_path / "pki" / "me.key")
