@@ -12,9 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import EdgeInferError
 
-class ModelCardError(ValueError):
+
+class ModelCardError(EdgeInferError, ValueError):
     """The card is missing, malformed, or does not match its model file."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
+from .errors import EdgeInferError
 from .modelcard import InputSpec
 
 #: Formats accepted from the network and the spool (content type -> Pillow format).
@@ -28,8 +29,8 @@ MAX_EXIF_BYTES = 64 * 1024
 _ORIENTATION_KEYS = ("exif", "Raw profile type exif", "xmp", "XML:com.adobe.xmp")
 
 
-class ImageError(ValueError):
-    """The bytes are not an image this runtime accepts."""
+class ImageError(EdgeInferError, ValueError):
+    """The bytes are not an image this runtime accepts (that input is refused; nothing else stops)."""
 
 
 @dataclass(frozen=True)

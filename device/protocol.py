@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import EdgeInferError
 from .preprocess import CONTENT_TYPES
 from .result import Result
 
@@ -35,7 +36,7 @@ SAMPLE_ERROR_CODES: tuple[str, ...] = (
 )
 
 
-class ProtocolError(ValueError):
+class ProtocolError(EdgeInferError, ValueError):
     """A message does not follow the protocol. ``code`` is a stable short name."""
 
     def __init__(self, code: str, message: str) -> None:

@@ -14,6 +14,8 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from .errors import EdgeInferError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10 (JetPack 6)
@@ -23,8 +25,10 @@ T = TypeVar("T")
 Validator = Callable[[Any], "str | None"]
 
 
-class ConfigError(ValueError):
+class ConfigError(EdgeInferError, ValueError):
     """The configuration is invalid; the message names the key and the fix."""
+
+    exit_code = 2
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str = "", check: Validator | None = None,
