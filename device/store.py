@@ -26,7 +26,6 @@ import os
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -34,121 +33,14 @@ from . import dbfile
 from .errors import StoreError
 from .protocol import Correction, ErrorReply
 from .result import Result
-from .storeschema import (
-    DONE_STATES, INITIAL_STATE, OPEN_STATES, OUTBOX_STATES, TABLES, TABLES_SQL, TRANSITIONS, OutboxState,
-    initial_counts, migrate, sql_states,
+from .storeschema import OPEN_STATES, OUTBOX_STATES, TABLES, TABLES_SQL, initial_counts, migrate
+from .storerecords import ApplyOutcome, Due, OpenReport, OutboxItem, RecordOutcome, row_to_result
+from .storesql import (
+    CHUNK, DUPLICATE_CORRECTION, DUPLICATE_ERROR, EVICTABLE, EXPIRABLE, NEW, RESULT_COLS, SQL_ACKED, SQL_CORRECT,
+    SQL_ERROR, SQL_EVICT, SQL_EXPIRE, SQL_PRUNE_OUTBOX, SQL_QUEUED, SQL_REFUSED, SQL_REQUEUE, SQL_RESEND, SQL_SENT,
 )
 
 log = logging.getLogger(__name__)
-
-_RESULT_COLS = ("sample_id, created_at, source, model, edge_label, edge_conf, label, label_name, confidence, "
-                "origin, state, offloaded, corrected_at, cloud_model, offload_error, offload_reason")
-#: rows one maintenance transaction touches at most, so the writer never waits long for the lock
-CHUNK = 512
-_RESEND_AT = "? + ? * (1 << MIN(MAX(attempts - 1, 0), 6))"   # the wait doubles per attempt, up to 64x
-
-_S = OutboxState
-
-
-def _into(target: OutboxState, *sources: OutboxState) -> str:
-    """``target`` as an SQL literal, for a statement that moves rows from ``sources`` to it; each
-    change must be in ``storeschema.TRANSITIONS`` (checked once, when this module is imported)."""
-    for source in sources:
-        if target not in TRANSITIONS[source]:
-            raise AssertionError(f"outbox change {source.value} -> {target.value} is not in "
-                                 "storeschema.TRANSITION_ROWS: add it there (with its reason) first")
-    return sql_states(target)
-
-
-_NEW = INITIAL_STATE.value
-#: what the byte budget evicts and what expires: not what is in paho's hands
-_EVICTABLE = (_S.QUEUED, _S.DELIVERED)
-_EXPIRABLE = (_S.QUEUED, _S.DELIVERED)
-#: what the broker can refuse (or the client fail to send)
-_SENDABLE = (_S.QUEUED, _S.INFLIGHT)
-_OPEN = tuple(_S(s) for s in OPEN_STATES)
-#: where a second correction or error reply finds a sample (else it is late: expired, evicted, refused)
-_DUPLICATE_CORRECTION = (_S.CORRECTED.value,)
-_DUPLICATE_ERROR = (_S.CORRECTED.value, _S.FAILED.value)
-
-_SQL_REQUEUE = (f"UPDATE outbox SET state={_into(_S.QUEUED, _S.INFLIGHT)}, updated_at=? "
-                f"WHERE state={sql_states(_S.INFLIGHT)}")
-_SQL_QUEUED = ("SELECT sample_id, created_at, content_type, payload, user_props, result_seq FROM outbox "
-               f"WHERE state={sql_states(_S.QUEUED)} ORDER BY seq LIMIT ?")
-_SQL_SENT = (f"UPDATE outbox SET state={_into(_S.INFLIGHT, _S.QUEUED)}, attempts=attempts+1, updated_at=? "
-             f"WHERE sample_id=? AND state={sql_states(_S.QUEUED)}")
-_SQL_ACKED = (f"UPDATE outbox SET state={_into(_S.DELIVERED, _S.INFLIGHT)}, updated_at=?, resend_at={_RESEND_AT} "
-              f"WHERE sample_id=? AND state={sql_states(_S.INFLIGHT)}")
-_SQL_REFUSED = (f"UPDATE outbox SET state={_into(_S.FAILED, *_SENDABLE)}, last_error=?, payload=NULL, updated_at=? "
-                f"WHERE sample_id=? AND state IN {sql_states(*_SENDABLE)}")
-_SQL_EVICT = (f"UPDATE outbox SET state={_into(_S.EVICTED, *_EVICTABLE)}, payload=NULL, updated_at=?, last_error=? "
-              "WHERE sample_id=?")
-_SQL_EXPIRE = f"UPDATE outbox SET state={_into(_S.EXPIRED, *_EXPIRABLE)}, payload=NULL, updated_at=? WHERE sample_id=?"
-_SQL_RESEND = (f"UPDATE outbox SET state={_into(_S.QUEUED, _S.DELIVERED)}, updated_at=? WHERE seq IN (SELECT seq "
-               # Named: left to itself the planner takes outbox_state and sorts every
-               # delivered row (65 ms a pass at 100k, measured by bench/store_scale_bench.py).
-               f"FROM outbox INDEXED BY outbox_resend WHERE state={sql_states(_S.DELIVERED)} AND resend_at <= ? "
-               "ORDER BY resend_at LIMIT ?)")
-# replies: the state was read (and found open) in the same transaction
-_SQL_CORRECT = (f"UPDATE outbox SET state={_into(_S.CORRECTED, *_OPEN)}, payload=NULL, updated_at=?, "
-                "applied=applied+1 WHERE sample_id=?")
-_SQL_ERROR = (f"UPDATE outbox SET state={_into(_S.FAILED, *_OPEN)}, last_error=?, payload=NULL, updated_at=? "
-              "WHERE sample_id=?")
-_SQL_PRUNE_OUTBOX = f"DELETE FROM outbox WHERE sample_id=? AND state IN {sql_states(*(_S(s) for s in DONE_STATES))}"
-
-
-@dataclass(frozen=True)
-class OutboxItem:
-    sample_id: str
-    created_at: float
-    content_type: str
-    payload: bytes
-    #: MQTT v5 user properties, packed as sent (opaque to the store)
-    user_props: bytes
-    #: publication sequence of its result's provisional version (set by the store; 0 = already published)
-    result_seq: int = 0
-
-
-@dataclass(frozen=True)
-class Due:
-    """A result version due for publication: ``seq`` is its publication sequence."""
-    seq: int
-    result: Result
-
-
-@dataclass(frozen=True)
-class ApplyOutcome:
-    """What applying a reply did. ``due`` is None when nothing changed."""
-    due: Due | None
-    reason: str   # "applied", "duplicate", "unknown", "late"
-
-    @property
-    def result(self) -> Result | None:
-        return self.due.result if self.due else None
-
-
-@dataclass(frozen=True)
-class RecordOutcome:
-    seqs: list[int]
-    #: results of samples evicted to make room (now final, due for publication)
-    evicted: list[Due]
-
-
-@dataclass(frozen=True)
-class OpenReport:
-    requeued: int
-    #: what an operator should hear about: an upgrade, a repaired index, a torn WAL tail
-    notices: tuple[str, ...] = ()
-    repaired: bool = False
-
-
-def _row_to_result(row: tuple) -> Result:
-    (sample_id, created_at, source, model, edge_label, edge_conf, label, label_name, confidence,
-     origin, state, offloaded, corrected_at, cloud_model, offload_error, offload_reason) = row
-    return Result(sample_id=sample_id, label=label, label_name=label_name, confidence=confidence, origin=origin,
-                  state=state, offloaded=bool(offloaded), edge_label=edge_label, edge_confidence=edge_conf,
-                  model_id=model, created_at=created_at, source=source, corrected_at=corrected_at,
-                  cloud_model_id=cloud_model, offload_error=offload_error, offload_reason=offload_reason)
 
 
 class Store:
@@ -206,7 +98,7 @@ class Store:
                 notices.append(f"state database upgraded from schema {version} to 3")
             self._last_seq = self._max_seq()
             with self._tx():
-                n = db.execute(_SQL_REQUEUE, (time.time(),)).rowcount
+                n = db.execute(SQL_REQUEUE, (time.time(),)).rowcount
         except StoreError:
             self.close()
             raise
@@ -300,10 +192,10 @@ class Store:
             first = self._last_seq + 1
             self._last_seq += len(entries)
             seqs = list(range(first, first + len(entries)))
-            samples = [(item.sample_id, item.created_at, item.created_at, _NEW, item.content_type,
+            samples = [(item.sample_id, item.created_at, item.created_at, NEW, item.content_type,
                         item.payload, len(item.payload), item.user_props, seq)
                        for (_, item), seq in zip(entries, seqs) if item is not None]
-            db.executemany(f"INSERT INTO results ({_RESULT_COLS}, pub_seq, source_key) "
+            db.executemany(f"INSERT INTO results ({RESULT_COLS}, pub_seq, source_key) "
                            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                            [(r.sample_id, r.created_at, r.source, r.model_id, r.edge_label, r.edge_confidence,
                              r.label, r.label_name, r.confidence, r.origin, r.state, int(r.offloaded),
@@ -330,14 +222,14 @@ class Store:
         now = time.time()
         held = self._count(db, "outbox.bytes")
         while held > self.max_bytes:
-            rows = sorted(r for state in _EVICTABLE for r in db.execute(
+            rows = sorted(r for state in EVICTABLE for r in db.execute(
                 "SELECT seq, sample_id, size FROM outbox WHERE state=? ORDER BY seq LIMIT 64", (state.value,)))
             if not rows:
                 break
             for _, sid, size in rows:
                 if held <= self.max_bytes:
                     break
-                db.execute(_SQL_EVICT, (now, "evicted: outbox.max_bytes reached", sid))
+                db.execute(SQL_EVICT, (now, "evicted: outbox.max_bytes reached", sid))
                 held -= size
                 due = self._finalize_local(db, sid, "evicted: outbox byte budget full")
                 if due is not None:
@@ -364,14 +256,14 @@ class Store:
         """Results not yet acknowledged by the broker with a sequence above ``after_seq``, in order."""
         with self._read() as db:
             rows = db.execute(
-                f"SELECT pub_seq, {_RESULT_COLS} FROM results WHERE pub_seq > acked_seq AND pub_seq > ? "
+                f"SELECT pub_seq, {RESULT_COLS} FROM results WHERE pub_seq > acked_seq AND pub_seq > ? "
                 "ORDER BY pub_seq LIMIT ?", (after_seq, limit)).fetchall()
-        return [Due(r[0], _row_to_result(r[1:])) for r in rows]
+        return [Due(r[0], row_to_result(r[1:])) for r in rows]
 
     # ------------------------------------------------------------ outbox
     def queued_samples(self, limit: int) -> list[OutboxItem]:
         with self._read() as db:
-            rows = db.execute(_SQL_QUEUED, (limit,)).fetchall()
+            rows = db.execute(SQL_QUEUED, (limit,)).fetchall()
         return [OutboxItem(*r) for r in rows]
 
     def commit_progress(self, *, inflight: Iterable[str] = (), delivered: Iterable[str] = (),
@@ -381,8 +273,8 @@ class Store:
         for a resend at ``resend_at``), and result publications it acknowledged."""
         now = time.time()
         with self._tx() as db:
-            db.executemany(_SQL_SENT, [(now, s) for s in inflight])
-            db.executemany(_SQL_ACKED, [(now, now, self.resend_after_s, s) for s in delivered])
+            db.executemany(SQL_SENT, [(now, s) for s in inflight])
+            db.executemany(SQL_ACKED, [(now, now, self.resend_after_s, s) for s in delivered])
             db.executemany("UPDATE results SET acked_seq=? WHERE sample_id=? AND acked_seq < ?",
                            [(seq, sid, seq) for sid, seq in acked_results])
 
@@ -390,15 +282,15 @@ class Store:
         """The broker refused the sample: it is not retried; the local answer becomes final."""
         now = time.time()
         with self._tx() as db:
-            n = db.execute(_SQL_REFUSED, (reason, now, sample_id)).rowcount
+            n = db.execute(SQL_REFUSED, (reason, now, sample_id)).rowcount
             return self._finalize_local(db, sample_id, reason) if n else None
 
     def _finalize_local(self, db: sqlite3.Connection, sample_id: str, reason: str) -> Due | None:
         seq = self._next_seq()
         n = db.execute("UPDATE results SET state='final', offload_error=?, pub_seq=? WHERE sample_id=? "
                        "AND state='provisional'", (reason, seq, sample_id)).rowcount
-        row = db.execute(f"SELECT {_RESULT_COLS} FROM results WHERE sample_id=?", (sample_id,)).fetchone()
-        return Due(seq, _row_to_result(row)) if n and row else None
+        row = db.execute(f"SELECT {RESULT_COLS} FROM results WHERE sample_id=?", (sample_id,)).fetchone()
+        return Due(seq, row_to_result(row)) if n and row else None
 
     def expire(self, max_age_s: float, now: float | None = None) -> list[Due]:
         """Samples older than max_age that are not in the broker's hands expire; their local answer stands.
@@ -411,14 +303,14 @@ class Store:
         cutoff = now - max_age_s
         due: list[Due] = []
         with self._tx() as db:
-            for state in _EXPIRABLE:
+            for state in EXPIRABLE:
                 rows = db.execute("SELECT sample_id, created_at FROM outbox WHERE state=? ORDER BY seq LIMIT ?",
                                   (state.value, CHUNK)).fetchall()
                 for sid, created in rows:
                     if created >= cutoff:
                         # seq follows creation (to within the writer's batching), so the rest are younger
                         break
-                    db.execute(_SQL_EXPIRE, (now, sid))
+                    db.execute(SQL_EXPIRE, (now, sid))
                     d = self._finalize_local(db, sid, "expired")
                     if d is not None:
                         due.append(d)
@@ -436,7 +328,7 @@ class Store:
         """
         now = time.time() if now is None else now
         with self._tx() as db:
-            return db.execute(_SQL_RESEND, (now, now, CHUNK)).rowcount
+            return db.execute(SQL_RESEND, (now, now, CHUNK)).rowcount
 
     # ------------------------------------------------------------ replies
     def apply_correction(self, c: Correction, now: float | None = None) -> ApplyOutcome:
@@ -447,15 +339,15 @@ class Store:
             if row is None:
                 return ApplyOutcome(None, "unknown")
             if row[0] not in OPEN_STATES:
-                return ApplyOutcome(None, "duplicate" if row[0] in _DUPLICATE_CORRECTION else "late")
+                return ApplyOutcome(None, "duplicate" if row[0] in DUPLICATE_CORRECTION else "late")
             # ``applied`` counts applications; the state check above keeps it at most 1 (fault tests audit it).
-            db.execute(_SQL_CORRECT, (now, c.sample_id))
+            db.execute(SQL_CORRECT, (now, c.sample_id))
             seq = self._next_seq()
             db.execute("UPDATE results SET label=?, label_name=?, confidence=?, origin='cloud', state='final', "
                        "corrected_at=?, cloud_model=?, pub_seq=? WHERE sample_id=?",
                        (c.label, c.label_name, c.confidence, now, c.model_id, seq, c.sample_id))
-            r = db.execute(f"SELECT {_RESULT_COLS} FROM results WHERE sample_id=?", (c.sample_id,)).fetchone()
-        return ApplyOutcome(Due(seq, _row_to_result(r)) if r else None, "applied")
+            r = db.execute(f"SELECT {RESULT_COLS} FROM results WHERE sample_id=?", (c.sample_id,)).fetchone()
+        return ApplyOutcome(Due(seq, row_to_result(r)) if r else None, "applied")
 
     def apply_error(self, e: ErrorReply) -> ApplyOutcome:
         """The cloud could not process the sample: the local answer becomes final."""
@@ -464,9 +356,9 @@ class Store:
             if row is None:
                 return ApplyOutcome(None, "unknown")
             if row[0] not in OPEN_STATES:
-                return ApplyOutcome(None, "duplicate" if row[0] in _DUPLICATE_ERROR else "late")
+                return ApplyOutcome(None, "duplicate" if row[0] in DUPLICATE_ERROR else "late")
             reason = f"cloud error {e.code}: {e.message}"
-            db.execute(_SQL_ERROR, (reason, time.time(), e.sample_id))
+            db.execute(SQL_ERROR, (reason, time.time(), e.sample_id))
             return ApplyOutcome(self._finalize_local(db, e.sample_id, reason), "applied")
 
     # ------------------------------------------------------------ queries
@@ -478,13 +370,13 @@ class Store:
 
     def get_result(self, sample_id: str) -> Result | None:
         with self._read() as db:
-            row = db.execute(f"SELECT {_RESULT_COLS} FROM results WHERE sample_id=?", (sample_id,)).fetchone()
-        return _row_to_result(row) if row else None
+            row = db.execute(f"SELECT {RESULT_COLS} FROM results WHERE sample_id=?", (sample_id,)).fetchone()
+        return row_to_result(row) if row else None
 
     def all_results(self) -> list[Result]:
         with self._read() as db:
-            rows = db.execute(f"SELECT {_RESULT_COLS} FROM results ORDER BY created_at").fetchall()
-        return [_row_to_result(r) for r in rows]
+            rows = db.execute(f"SELECT {RESULT_COLS} FROM results ORDER BY created_at").fetchall()
+        return [row_to_result(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
         """Outbox rows per state, payload bytes held, results kept and unpublished: O(1)."""
@@ -528,7 +420,7 @@ class Store:
                     "DELETE FROM results WHERE rowid IN (SELECT rowid FROM results WHERE state='final' "
                     "AND acked_seq >= pub_seq ORDER BY created_at LIMIT ?) RETURNING sample_id",
                     (min(excess, CHUNK),)).fetchall()]
-                db.executemany(_SQL_PRUNE_OUTBOX, [(i,) for i in ids])
+                db.executemany(SQL_PRUNE_OUTBOX, [(i,) for i in ids])
             done += len(ids)
             if len(ids) < min(excess, CHUNK):
                 return done   # the rest are unpublished or provisional: they stay

@@ -1,0 +1,65 @@
+"""The store's SQL, built once at import from the outbox state table.
+
+Each statement that changes an outbox state names its target through
+``_into``, which checks the change against ``storeschema.TRANSITIONS``: a
+change the table lacks fails the import, so the documented state machine
+(generated from the same table) cannot drift from what the store does.
+"""
+from __future__ import annotations
+
+from .storeschema import DONE_STATES, INITIAL_STATE, OPEN_STATES, TRANSITIONS, OutboxState, sql_states
+
+RESULT_COLS = ("sample_id, created_at, source, model, edge_label, edge_conf, label, label_name, confidence, "
+                "origin, state, offloaded, corrected_at, cloud_model, offload_error, offload_reason")
+#: rows one maintenance transaction touches at most, so the writer never waits long for the lock
+CHUNK = 512
+RESEND_AT = "? + ? * (1 << MIN(MAX(attempts - 1, 0), 6))"   # the wait doubles per attempt, up to 64x
+
+_S = OutboxState
+
+
+def _into(target: OutboxState, *sources: OutboxState) -> str:
+    """``target`` as an SQL literal, for a statement that moves rows from ``sources`` to it; each
+    change must be in ``storeschema.TRANSITIONS`` (checked once, when this module is imported)."""
+    for source in sources:
+        if target not in TRANSITIONS[source]:
+            raise AssertionError(f"outbox change {source.value} -> {target.value} is not in "
+                                 "storeschema.TRANSITION_ROWS: add it there (with its reason) first")
+    return sql_states(target)
+
+
+NEW = INITIAL_STATE.value
+#: what the byte budget evicts and what expires: not what is in paho's hands
+EVICTABLE = (_S.QUEUED, _S.DELIVERED)
+EXPIRABLE = (_S.QUEUED, _S.DELIVERED)
+#: what the broker can refuse (or the client fail to send)
+SENDABLE = (_S.QUEUED, _S.INFLIGHT)
+OPEN = tuple(_S(s) for s in OPEN_STATES)
+#: where a second correction or error reply finds a sample (else it is late: expired, evicted, refused)
+DUPLICATE_CORRECTION = (_S.CORRECTED.value,)
+DUPLICATE_ERROR = (_S.CORRECTED.value, _S.FAILED.value)
+
+SQL_REQUEUE = (f"UPDATE outbox SET state={_into(_S.QUEUED, _S.INFLIGHT)}, updated_at=? "
+                f"WHERE state={sql_states(_S.INFLIGHT)}")
+SQL_QUEUED = ("SELECT sample_id, created_at, content_type, payload, user_props, result_seq FROM outbox "
+               f"WHERE state={sql_states(_S.QUEUED)} ORDER BY seq LIMIT ?")
+SQL_SENT = (f"UPDATE outbox SET state={_into(_S.INFLIGHT, _S.QUEUED)}, attempts=attempts+1, updated_at=? "
+             f"WHERE sample_id=? AND state={sql_states(_S.QUEUED)}")
+SQL_ACKED = (f"UPDATE outbox SET state={_into(_S.DELIVERED, _S.INFLIGHT)}, updated_at=?, resend_at={RESEND_AT} "
+              f"WHERE sample_id=? AND state={sql_states(_S.INFLIGHT)}")
+SQL_REFUSED = (f"UPDATE outbox SET state={_into(_S.FAILED, *SENDABLE)}, last_error=?, payload=NULL, updated_at=? "
+                f"WHERE sample_id=? AND state IN {sql_states(*SENDABLE)}")
+SQL_EVICT = (f"UPDATE outbox SET state={_into(_S.EVICTED, *EVICTABLE)}, payload=NULL, updated_at=?, last_error=? "
+              "WHERE sample_id=?")
+SQL_EXPIRE = f"UPDATE outbox SET state={_into(_S.EXPIRED, *EXPIRABLE)}, payload=NULL, updated_at=? WHERE sample_id=?"
+SQL_RESEND = (f"UPDATE outbox SET state={_into(_S.QUEUED, _S.DELIVERED)}, updated_at=? WHERE seq IN (SELECT seq "
+               # Named: left to itself the planner takes outbox_state and sorts every
+               # delivered row (65 ms a pass at 100k, measured by bench/store_scale_bench.py).
+               f"FROM outbox INDEXED BY outbox_resend WHERE state={sql_states(_S.DELIVERED)} AND resend_at <= ? "
+               "ORDER BY resend_at LIMIT ?)")
+# replies: the state was read (and found open) in the same transaction
+SQL_CORRECT = (f"UPDATE outbox SET state={_into(_S.CORRECTED, *OPEN)}, payload=NULL, updated_at=?, "
+                "applied=applied+1 WHERE sample_id=?")
+SQL_ERROR = (f"UPDATE outbox SET state={_into(_S.FAILED, *OPEN)}, last_error=?, payload=NULL, updated_at=? "
+              "WHERE sample_id=?")
+SQL_PRUNE_OUTBOX = f"DELETE FROM outbox WHERE sample_id=? AND state IN {sql_states(*(_S(s) for s in DONE_STATES))}"
