@@ -22,15 +22,13 @@ triggers keep exact.
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Iterable
 
-from . import dbfile
-from .errors import StoreError
+from . import dbfile, storeopen
 from .protocol import Correction, ErrorReply
 from .result import Result
 from .storeschema import OPEN_STATES, OUTBOX_STATES, TABLES, TABLES_SQL, initial_counts, migrate
@@ -68,50 +66,20 @@ class Store:
         a damaged table raises. ``requeue=False`` is for looking at the store
         of a running service: nothing is written.
         """
-        notices: list[str] = []
+        if not requeue:
+            self._db, self._legacy_counts = storeopen.open_read_only(self.path)
+            self._last_seq = self._max_seq()
+            return 0
+        opened = storeopen.open_writable(self.path, self.resend_after_s, check=check)
+        self._db = opened.db
         try:
-            found = dbfile.check_file(self.path)
-            if found.warning:
-                notices.append(found.warning)
-            if not requeue:
-                if not found.exists:
-                    raise StoreError(f"no state database at {self.path}", kind="missing", exit_code=1)
-                self._db = self._connect(read_only=True)
-                (version,) = self._db.execute("PRAGMA user_version").fetchone()
-                self._legacy_counts = version < 3
-                self._last_seq = self._max_seq()
-                return 0
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            dbfile.preflight_writable(self.path)
-            db = self._db = self._connect()
-            repaired = False
-            if check and found.exists and (problems := dbfile.quick_check(db)):
-                db.close()
-                aside = dbfile.rebuild(self.path, TABLES_SQL, TABLES)
-                repaired = True
-                notices.append(f"state database {self.path} was damaged ({problems[0][:200]}); its tables were "
-                               f"intact and have been copied into a rebuilt database (every index rebuilt). "
-                               f"The damaged file is kept as {aside}")
-                db = self._db = self._connect()
-            version = migrate(db, self.resend_after_s)
-            if found.exists and version != 3 and version != 0:
-                notices.append(f"state database upgraded from schema {version} to 3")
             self._last_seq = self._max_seq()
             with self._tx():
-                n = db.execute(SQL_REQUEUE, (time.time(),)).rowcount
-        except StoreError:
-            self.close()
-            raise
+                n = self._db.execute(SQL_REQUEUE, (time.time(),)).rowcount
         except sqlite3.Error as exc:
             self.close()
-            err = dbfile.classify(exc, self.path)
-            if err.kind == "corrupt":
-                err = StoreError(f"{err} It cannot be used: {dbfile.RESET_HINT}.", kind="corrupt")
-            raise err from None
-        except OSError as exc:
-            self.close()
             raise dbfile.classify(exc, self.path) from None
-        self.report = OpenReport(n, tuple(notices), repaired)
+        self.report = OpenReport(n, opened.notices, opened.repaired)
         if n:
             log.info("re-queued %d in-flight sample(s) from the previous run", n)
         return n
@@ -126,31 +94,11 @@ class Store:
             try:
                 aside = dbfile.rebuild(self.path, TABLES_SQL, TABLES)
             finally:
-                self._db = self._connect()
+                self._db = storeopen.connect(self.path)
             migrate(self._db, self.resend_after_s)
             self._last_seq = max(self._last_seq, self._max_seq())
         return (f"state database {self.path} was damaged while running; its tables were intact and were copied "
                 f"into a rebuilt database (every index rebuilt). The damaged file is kept as {aside}")
-
-    def _connect(self, read_only: bool = False) -> sqlite3.Connection:
-        if read_only:
-            # On a read-only file system SQLite cannot create the WAL index it needs for mode=ro;
-            # nobody can write there, so the file is immutable (a WAL left there is not read: said below).
-            mode = "mode=ro" if os.access(self.path.parent, os.W_OK) else "immutable=1"
-            if mode != "mode=ro" and Path(f"{self.path}-wal").exists() and Path(f"{self.path}-wal").stat().st_size:
-                log.warning("%s is on a read-only file system with an unmerged write-ahead log: the last commits "
-                            "are not read", self.path)
-            db = sqlite3.connect(f"file:{self.path}?{mode}", uri=True, check_same_thread=False,
-                                 isolation_level=None, timeout=10)
-            db.execute("PRAGMA query_only=1")
-            return db
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
-        db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: a commit survives a process crash (kill -9); a power cut can
-        # lose the last commits but never corrupts the file. Commits that precede an
-        # acknowledgement to a source (a spool file moved to done/) are made durable.
-        db.execute("PRAGMA synchronous=NORMAL")
-        return db
 
     def _max_seq(self) -> int:
         (max_seq,) = self._conn().execute("SELECT COALESCE(MAX(pub_seq), 0) FROM results").fetchone()

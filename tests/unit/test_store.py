@@ -229,7 +229,9 @@ def traced(monkeypatch):
                    "WHEN OLD.state IS NOT NEW.state BEGIN SELECT trace_state(OLD.state, NEW.state); END")
         return found
 
-    monkeypatch.setattr(store_module, "migrate", migrate_and_trace)
+    import edge_infer.storeopen as storeopen_module
+    monkeypatch.setattr(store_module, "migrate", migrate_and_trace)       # repair() reopens through this
+    monkeypatch.setattr(storeopen_module, "migrate", migrate_and_trace)   # open() through this
     return seen
 
 
