@@ -13,13 +13,14 @@ DEVICE = [
     "paho-mqtt>=2.1,<3",
     "tomli>=2.0; python_version<'3.11'",
 ]
+TOOLS = ["tqdm>=4.60"]
 
 setup(
     name="edge-infer",
     version="0.1.0",
     description="Hybrid edge/cloud inference runtime for Coral and Jetson devices",
     python_requires=">=3.10",
-    packages=["edge_infer", "edge_infer.backends", "edge_infer_cloud"],
+    packages=["edge_infer", "edge_infer.backends", "edge_infer.tools", "edge_infer_cloud"],
     package_dir={"edge_infer": "device", "edge_infer_cloud": "cloud_worker"},
     install_requires=DEVICE,
     extras_require={
@@ -31,9 +32,11 @@ setup(
         "tflite-runtime": ["tflite-runtime>=2.14,<2.15", "numpy<2"],
         "cloud": ["onnxruntime>=1.16"],
         "systemd": ["systemd-python>=234"],
+        # progress bars in the tools (demo, calibrate, model evaluation); never a device dependency
+        "tools": TOOLS,
         # `edge-infer calibrate` draws the offload curve (an ML engineer's tool, not a device dependency)
-        "calibrate": ["matplotlib>=3.6"],
-        "dev": ["pytest>=8", "ruff>=0.5", "systemd-python>=234", "hypothesis>=6.100"],
+        "calibrate": ["matplotlib>=3.6", *TOOLS],
+        "dev": ["pytest>=8", "ruff>=0.5", "systemd-python>=234", "hypothesis>=6.100", *TOOLS],
     },
     entry_points={
         "console_scripts": [

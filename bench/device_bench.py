@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO))
 
 from edge_infer.backends import BackendOptions, create_backend  # noqa: E402
 from edge_infer.config import DeviceConfig, ModelConfig, MqttConfig, PolicyConfig  # noqa: E402
-from edge_infer.datasets import load_fashion_mnist  # noqa: E402
-from edge_infer.localbroker import LocalBroker  # noqa: E402
+from edge_infer.tools.datasets import load_fashion_mnist  # noqa: E402
+from edge_infer.tools.localbroker import LocalBroker  # noqa: E402
 from edge_infer.modelcard import load_card, verified_model_bytes  # noqa: E402
 from edge_infer.preprocess import Preprocessor, encode_png  # noqa: E402
 from edge_infer.service import EdgeService  # noqa: E402

@@ -38,15 +38,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from edge_infer.calibrate import (
-    cloud_predictions_from_file, cloud_predictions_from_model, edge_logits, load_data,
-)
+from edge_infer.calibrate import cloud_predictions_from_file, cloud_predictions_from_model, load_data
 from edge_infer.calibration import (
     DEFAULT_ROUTER_FEATURES, RouterTraining, Split, bootstrap_kept_difference, calibrate_arrays, evaluate_score,
     fit_router_arrays, fold_indices, kept_share_at, router_labels,
 )
 from edge_infer.scores import router_features
-from edge_infer.datasets import DEFAULT_FMNIST_DIR
+from edge_infer.tools.datasets import DEFAULT_FMNIST_DIR
+from edge_infer.tools.runmodel import edge_logits
 from edge_infer.modelcard import load_card, verified_model_bytes
 
 EDGE_CARD = REPO / "models" / "fmnist-edge-v1" / "card.json"
@@ -112,7 +111,8 @@ def tta_logits(card, images: np.ndarray) -> np.ndarray:
     """Log of the mean softmax over the image and its four 1-pixel shifts (5 invokes per input)."""
     from edge_infer.scores import softmax
     views = [images] + [shifted(images, dy, dx) for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0))]
-    probs = np.mean([softmax(edge_logits(card, v, progress=False, label="edge tta").astype(np.float64)) for v in views], axis=0)
+    probs = np.mean([softmax(edge_logits(card, v, progress=False, label="edge tta").astype(np.float64))
+                     for v in views], axis=0)
     return np.log(np.maximum(probs, 1e-12)).astype(np.float32)
 
 

@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO))
 import paho.mqtt.client as mqtt  # noqa: E402
 
 from edge_infer.config import DeviceConfig, ModelConfig, MqttConfig, OutboxConfig, PolicyConfig  # noqa: E402
-from edge_infer.datasets import load_fashion_mnist  # noqa: E402
-from edge_infer.localbroker import LocalBroker, free_port  # noqa: E402
+from edge_infer.tools.datasets import load_fashion_mnist  # noqa: E402
+from edge_infer.tools.localbroker import LocalBroker, free_port  # noqa: E402
 from edge_infer.mqtt_link import pack_user_properties  # noqa: E402
 from edge_infer.preprocess import encode_sample  # noqa: E402
 from edge_infer.result import Result  # noqa: E402

@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/resize_accuracy.py [--images 10000] [--out out/resize-accuracy.json]
 
-Every Fashion-MNIST test image (the project's split, edge_infer.datasets) is
+Every Fashion-MNIST test image (the project's split, edge_infer.tools.datasets) is
 rendered in RGB at 2x and 4x, once by nearest-neighbour upscaling (a camera
 or tool that repeats pixels; the content is exactly the native image) and
 once by bicubic upscaling (a smooth rendering: the content is not exactly
@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from edge_infer.backends import BackendOptions, create_backend  # noqa: E402
-from edge_infer.datasets import fashion_mnist_splits  # noqa: E402
+from edge_infer.tools.datasets import fashion_mnist_splits  # noqa: E402
 from edge_infer.modelcard import load_card, verified_model_bytes  # noqa: E402
 from edge_infer.preprocess import Preprocessor  # noqa: E402
 from edge_infer.scores import dequantize  # noqa: E402

@@ -52,7 +52,7 @@ import paho.mqtt.client as mqtt  # noqa: E402
 from edge_infer import protocol  # noqa: E402
 from edge_infer.config import (DeviceConfig, ModelConfig, MqttConfig, OutboxConfig, PolicyConfig,  # noqa: E402
                                SpoolConfig)
-from edge_infer.localbroker import LocalBroker, free_port  # noqa: E402
+from edge_infer.tools.localbroker import LocalBroker, free_port  # noqa: E402
 from edge_infer.mqtt_link import pack_user_properties  # noqa: E402
 from edge_infer.preprocess import encode_png, encode_sample  # noqa: E402
 from edge_infer.result import Result  # noqa: E402
@@ -357,7 +357,7 @@ def _vm(field: str) -> int:
 def burst_child(conn, state_dir: str, port: int, n: int) -> None:
     import resource
 
-    from edge_infer.datasets import load_fashion_mnist
+    from edge_infer.tools.datasets import load_fashion_mnist
     try:
         images = load_fashion_mnist("t10k").images
         cfg = DeviceConfig(device_id="bench-burst", state_dir=Path(state_dir), model=ModelConfig(card=EDGE_CARD),
@@ -440,7 +440,7 @@ def main() -> int:
     logging.getLogger().setLevel(logging.WARNING)
     t_start = time.perf_counter()
 
-    from edge_infer.datasets import fashion_mnist_splits
+    from edge_infer.tools.datasets import fashion_mnist_splits
     test = fashion_mnist_splits()["test"].images
     pngs = [encode_png(test[i % len(test)]) for i in range(args.files)]
     arrays = test[: args.calls] if args.calls <= len(test) else test[np.arange(args.calls) % len(test)]

@@ -67,7 +67,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """Accuracy of the cloud model on a labelled set (the demo's cloud-only figure)."""
     import time
 
-    from edge_infer.datasets import DEFAULT_FMNIST_DIR, fashion_mnist_splits, load_npz
+    from edge_infer.tools.datasets import DEFAULT_FMNIST_DIR, fashion_mnist_splits, load_npz
 
     from .model import CloudModel
     model = CloudModel(args.card)

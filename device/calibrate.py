@@ -35,9 +35,10 @@ from .calibration import (
     DEFAULT_ROUTER_FEATURES, ROUTER_MODELS, Calibration, RouterTraining, Split, calibrate_arrays,
 )
 from .router import FEATURES, ROUTER_TARGETS, save_router
-from .scores import SCORES, as_score_logits
-from .datasets import DEFAULT_FMNIST_DIR, DatasetError, fashion_mnist_splits, load_npz
-from .modelcard import ModelCard, ModelCardError, load_card
+from .scores import SCORES, max_softmax_batch, probabilities
+from .tools.datasets import DEFAULT_FMNIST_DIR, DatasetError, fashion_mnist_splits, load_npz
+from .tools.runmodel import cloud_outputs, edge_logits
+from .modelcard import ModelCardError, load_card
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ def load_data(data: Path, test_data: Path | None, labels: Sequence[str], seed: i
         val = ImageSet(sp["val"].images, sp["val"].labels, f"Fashion-MNIST IDX {data} (val split)")
         if test_data is None:
             return val, ImageSet(sp["test"].images, sp["test"].labels, f"Fashion-MNIST IDX {data} (test split)"), \
-                "the project's fixed Fashion-MNIST split (device/datasets.py): val for choosing, test for reporting"
+                "the project's fixed Fashion-MNIST split (device/tools/datasets.py): val for choosing, test for reporting"
         return val, _load_test(test_data, labels), "val split of the IDX folder; separate test data"
     full = load_image_set(data, labels)
     if test_data is not None:
@@ -235,36 +236,6 @@ def _check_labels(ds: ImageSet, num_classes: int, what: str) -> None:
 
 # ----------------------------------------------------------------------------- models
 
-def _progress(total: int, label: str, enabled: bool):
-    from .progress import Progress
-    return Progress(total, label, enabled=None if enabled else False)
-
-
-def edge_logits(card: ModelCard, images: Sequence[np.ndarray], backend: str = "tflite-cpu", runtime: str = "auto",
-                progress: bool = True, label: str = "edge") -> np.ndarray:
-    """Run the edge model exactly as the device does, one image per invoke -> float32 (N, C) logits."""
-    from .backends import BackendOptions, create_backend
-    from .modelcard import verified_model_bytes
-    from .preprocess import Preprocessor
-    from .scores import dequantize
-
-    be = create_backend(backend, card, verified_model_bytes(card), BackendOptions(runtime, 1))
-    pre = Preprocessor(card.input)
-    out = np.empty((len(images), len(card.labels)), dtype=np.float32)
-    bar = _progress(len(images), label, progress)
-    try:
-        for i, im in enumerate(images):
-            raw = be.invoke(pre.to_tensor(im))
-            out[i] = as_score_logits(dequantize(raw, card.output), card.output.kind).reshape(-1)
-            if i % 256 == 0:
-                bar.update(i + 1)
-        bar.update(len(images))
-    finally:
-        bar.close()
-        be.close()
-    return out
-
-
 def cloud_predictions_from_model(card_path: Path, sets: dict[str, ImageSet], threads: int, progress: bool,
                                  batch: int = 256) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     try:
@@ -279,14 +250,9 @@ def cloud_predictions_from_model(card_path: Path, sets: dict[str, ImageSet], thr
                              "--cloud-predictions with its answers") from None
     preds: dict[str, np.ndarray] = {}
     for name, ds in sets.items():
-        bar = _progress(len(ds), f"cloud {name}", progress)
-        out = []
-        for i in range(0, len(ds), batch):
-            labels, _ = model.predict(list(ds.images[i:i + batch]))
-            out.append(np.asarray(labels, dtype=np.int64))
-            bar.update(min(i + batch, len(ds)))
-        bar.close()
-        preds[name] = np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+        outputs = cloud_outputs(model, ds.images, batch, progress, f"cloud {name}")
+        labels, _ = max_softmax_batch(probabilities(outputs, model.card.output))   # as the worker answers
+        preds[name] = np.asarray(labels, dtype=np.int64)
     return preds, {"card": str(card_path), "model": model.card.model_id, "runtime": model.runtime,
                    "labels": list(model.card.labels)}
 

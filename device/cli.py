@@ -198,7 +198,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
 TOOLS = {
     "calibrate": ("choose the offload score and threshold from labelled data", ".calibrate",
                   "add_calibrate_arguments", "run_calibrate"),
-    "demo": ("the whole loop on this machine: broker, cloud worker, device, test set", ".demo",
+    "demo": ("the whole loop on this machine: broker, cloud worker, device, test set", ".tools.demo",
              "add_demo_arguments", "run_demo"),
 }
 

@@ -4,7 +4,7 @@
 - edge:  models/fmnist-edge-v1 through the device's path (model card, sha256
          check, card-driven preprocessing, the tflite-cpu backend on
          ai-edge-litert with 1 thread, one image per invoke, dequantized logits):
-         edge_infer.calibrate.edge_logits.
+         edge_infer.tools.runmodel.edge_logits.
 - cloud: models/fmnist-cloud-v1 through the cloud worker's CloudModel
          (onnxruntime, 1 thread).
 
@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _data  # noqa: E402
 
-from edge_infer.calibrate import edge_logits  # noqa: E402
+from edge_infer.tools.runmodel import edge_logits  # noqa: E402
 from edge_infer.modelcard import load_card  # noqa: E402
 
 EDGE_DIR = _data.MODELS_DIR / "fmnist-edge-v1"

@@ -2,7 +2,7 @@
 # Set up this checkout on a fresh Debian/Ubuntu machine: system packages
 # (Mosquitto for the local broker, the Fashion-MNIST data set) and a virtual
 # environment in .venv with edge-infer installed. Idempotent.
-#   scripts/setup.sh          device + cloud runtime (what the demo needs)
+#   scripts/setup.sh          device + cloud runtime and the tools' progress bars (what the demo needs)
 #   scripts/setup.sh dev      ... plus the test tools
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +34,6 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
-extras="device,cloud"
-[ "${1:-}" = dev ] && extras="device,cloud,calibrate,dev"
+extras="device,cloud,tools"
+[ "${1:-}" = dev ] && extras="device,cloud,tools,calibrate,dev"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]"

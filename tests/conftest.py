@@ -12,7 +12,7 @@ from typing import Callable
 import paho.mqtt.client as mqtt
 import pytest
 
-from edge_infer.localbroker import LocalBroker
+from edge_infer.tools.localbroker import LocalBroker
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
@@ -34,7 +34,7 @@ def broker(tmp_path_factory) -> LocalBroker:
 
 @pytest.fixture(scope="session")
 def fmnist():
-    from edge_infer.datasets import fashion_mnist_splits
+    from edge_infer.tools.datasets import fashion_mnist_splits
     return fashion_mnist_splits()
 
 

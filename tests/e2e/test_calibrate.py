@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge_infer.calibrate import add_calibrate_arguments, edge_logits, run_calibrate
+from edge_infer.calibrate import add_calibrate_arguments, run_calibrate
 from edge_infer.router import load_router
 from edge_infer.scores import SCORES, ScoreParams, make_scorer
-from edge_infer.datasets import fashion_mnist_splits
+from edge_infer.tools.datasets import fashion_mnist_splits
+from edge_infer.tools.runmodel import edge_logits
 from edge_infer.modelcard import load_card
 from edge_infer.preprocess import encode_png
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_infer.localbroker import LocalBroker, free_port, stop_process
+from edge_infer.tools.localbroker import LocalBroker, free_port, stop_process
 from edge_infer.preprocess import encode_png
 from edge_infer.service import EdgeService
 from edge_infer.store import Store

@@ -98,7 +98,7 @@ def test_device_status_is_retained_and_reports_the_outbox(service, recorder_fact
 
 
 def test_device_starts_offline_and_drains_when_the_broker_appears(tmp_path, fmnist):
-    from edge_infer.localbroker import LocalBroker, free_port
+    from edge_infer.tools.localbroker import LocalBroker, free_port
     port = free_port()
     # everything offloads; a short resend covers samples the broker took before any worker subscribed
     svc = EdgeService(device_config(tmp_path, port, threshold=1.0, resend_after_s=2.0))
@@ -121,7 +121,7 @@ def test_device_starts_offline_and_drains_when_the_broker_appears(tmp_path, fmni
 
 
 def test_results_produced_offline_are_published_after_reconnect(tmp_path, fmnist):
-    from edge_infer.localbroker import LocalBroker, free_port
+    from edge_infer.tools.localbroker import LocalBroker, free_port
 
     from ..conftest import Recorder
     port = free_port()
@@ -147,7 +147,7 @@ def test_each_result_is_published_once_with_an_offline_backlog_above_20000(tmp_p
     at full speed: each (sample, state) is published exactly once, counted by a subscriber."""
     from collections import Counter
 
-    from edge_infer.localbroker import LocalBroker, free_port
+    from edge_infer.tools.localbroker import LocalBroker, free_port
 
     from ..conftest import Recorder
     port = free_port()
@@ -191,7 +191,7 @@ def test_wait_for_cloud_returns_the_correction_when_it_arrives_in_time(service, 
 
 
 def test_status_carries_every_known_counter_even_at_zero(tmp_path):
-    from edge_infer.localbroker import free_port
+    from edge_infer.tools.localbroker import free_port
     from edge_infer.service import KNOWN_COUNTERS
     svc = EdgeService(device_config(tmp_path, free_port()))
     svc.start(connect=False)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from edge_infer.scores import ScoreParams, make_scorer
-from edge_infer.localbroker import free_port
+from edge_infer.tools.localbroker import free_port
 from edge_infer.service import EdgeService
 from edge_infer_cloud.worker import CloudWorker
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from edge_infer.config import TlsConfig
-from edge_infer.localbroker import LocalBroker, free_port
+from edge_infer.tools.localbroker import LocalBroker, free_port
 from edge_infer.service import EdgeService
 from edge_infer_cloud.worker import CloudWorker
 

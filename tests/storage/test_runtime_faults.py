@@ -9,7 +9,7 @@ import pytest
 
 from edge_infer.config import StoreConfig
 from edge_infer.errors import StoreUnavailable
-from edge_infer.localbroker import free_port
+from edge_infer.tools.localbroker import free_port
 from edge_infer.preprocess import encode_png
 from edge_infer.service import EdgeService
 
@@ -127,7 +127,7 @@ def test_a_store_that_cannot_record_sends_sends_each_sample_once_and_says_degrad
     it must not send the same rows again every turn, and the retained status must say degraded."""
     from collections import Counter
 
-    from edge_infer.localbroker import LocalBroker
+    from edge_infer.tools.localbroker import LocalBroker
 
     from ..conftest import Recorder
     fs = small_fs("4m")

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 
-from edge_infer.localbroker import free_port
+from edge_infer.tools.localbroker import free_port
 from edge_infer.preprocess import encode_png
 from edge_infer.service import EdgeService
 

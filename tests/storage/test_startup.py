@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from edge_infer.errors import StoreError
-from edge_infer.localbroker import free_port
+from edge_infer.tools.localbroker import free_port
 from edge_infer.service import EdgeService
 from edge_infer.store import Store
 

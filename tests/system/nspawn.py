@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from edge_infer.localbroker import stop_process
+from edge_infer.tools.localbroker import stop_process
 
 CGROUP_HIERARCHIES = ("systemd", "unified")
 

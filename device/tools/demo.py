@@ -23,7 +23,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _default_models_dir() -> Path:
@@ -35,7 +35,7 @@ def _default_models_dir() -> Path:
 
 def _default_threshold() -> float:
     """The shipped device config's threshold (chosen on validation), read by the config parser itself."""
-    from .config import PolicyConfig, load_device_config
+    from ..config import PolicyConfig, load_device_config
     cfg = REPO_ROOT / "deploy" / "config" / "edge-infer.toml"
     return load_device_config(cfg).policy.threshold if cfg.exists() else PolicyConfig().threshold
 
@@ -77,7 +77,7 @@ class ResultsMonitor:
         self._ready.wait(10)
 
     def _on_message(self, client, userdata, msg) -> None:
-        from .protocol import decode_results
+        from ..protocol import decode_results
         with self._lock:
             self.counts["messages"] = self.counts.get("messages", 0) + 1
             for r in decode_results(msg.payload):
@@ -117,13 +117,13 @@ def _wait_worker_online(host: str, port: int, topic: str, procs: list[subprocess
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .config import DeviceConfig, ModelConfig, MqttConfig, OutboxConfig, PolicyConfig
+    from ..config import DeviceConfig, ModelConfig, MqttConfig, OutboxConfig, PolicyConfig
+    from ..logsetup import setup_logging
+    from ..protocol import Topics, worker_status_topic
+    from ..service import EdgeService
     from .datasets import DEFAULT_FMNIST_DIR, fashion_mnist_splits
     from .localbroker import BrokerError, LocalBroker, stop_process
-    from .logsetup import setup_logging
     from .progress import Progress
-    from .protocol import Topics, worker_status_topic
-    from .service import EdgeService
 
     setup_logging("WARNING")
     models = args.models_dir or _default_models_dir()
