@@ -20,7 +20,7 @@ setup(
     version="0.1.0",
     description="Hybrid edge/cloud inference runtime for Coral and Jetson devices",
     python_requires=">=3.10",
-    packages=["edge_infer", "edge_infer.backends", "edge_infer.tools", "edge_infer_cloud"],
+    packages=["edge_infer", "edge_infer.backends", "edge_infer.calibration", "edge_infer.tools", "edge_infer_cloud"],
     package_dir={"edge_infer": "device", "edge_infer_cloud": "cloud_worker"},
     install_requires=DEVICE,
     extras_require={

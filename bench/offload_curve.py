@@ -38,15 +38,16 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from edge_infer.calibrate import cloud_predictions_from_file, cloud_predictions_from_model, load_data
-from edge_infer.calibration import (
-    DEFAULT_ROUTER_FEATURES, RouterTraining, Split, bootstrap_kept_difference, calibrate_arrays, evaluate_score,
-    fit_router_arrays, fold_indices, kept_share_at, router_labels,
+from edge_infer.calibration.compare import Split, calibrate_arrays, evaluate_score
+from edge_infer.calibration.curves import bootstrap_kept_difference, kept_share_at
+from edge_infer.calibration.data import cloud_predictions_from_file, cloud_predictions_from_model, load_data
+from edge_infer.calibration.fitting import (
+    DEFAULT_ROUTER_FEATURES, RouterTraining, fit_router_arrays, fold_indices, router_labels,
 )
+from edge_infer.modelcard import load_card, verified_model_bytes
 from edge_infer.scores import router_features
 from edge_infer.tools.datasets import DEFAULT_FMNIST_DIR
 from edge_infer.tools.runmodel import edge_logits
-from edge_infer.modelcard import load_card, verified_model_bytes
 
 EDGE_CARD = REPO / "models" / "fmnist-edge-v1" / "card.json"
 CLOUD_CARD = REPO / "models" / "fmnist-cloud-v1" / "card.json"

@@ -196,7 +196,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
 #: Subcommands whose modules (and arguments) load only when they run: the service's
 #: start and `check-config` should not pay for importing the demo and calibration tools.
 TOOLS = {
-    "calibrate": ("choose the offload score and threshold from labelled data", ".calibrate",
+    "calibrate": ("choose the offload score and threshold from labelled data", ".calibration.command",
                   "add_calibrate_arguments", "run_calibrate"),
     "demo": ("the whole loop on this machine: broker, cloud worker, device, test set", ".tools.demo",
              "add_demo_arguments", "run_demo"),

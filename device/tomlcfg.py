@@ -4,6 +4,11 @@ Every field of a config dataclass is declared with :func:`option`, which
 carries its help text and an optional validator. :func:`build` walks a TOML
 table into the dataclass, rejecting unknown keys and wrong types with an
 error that names the key (``mqtt.port``) and says what would be accepted.
+
+A field whose type has a ``from_toml(value, key)`` classmethod builds itself
+from its TOML value (a table whose keys are names, not fields: the
+``[backend.<name>]`` tables), and a ``toml_rows(key)`` classmethod gives its
+rows in the reference.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import dataclasses
 import sys
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -63,6 +69,9 @@ def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is tuple:
+        item = typing.get_args(tp)[0]
+        return "a list of " + {str: "strings", int: "integers", float: "numbers"}.get(item, _type_name(item))
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
             Path: "a path string"}.get(tp, getattr(tp, "__name__", str(tp)))
 
@@ -86,6 +95,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return tuple(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if isinstance(tp, type) and hasattr(tp, "from_toml"):
+        return tp.from_toml(value, key)   # a table whose keys are not fields (e.g. [backend.<name>])
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table [{key}], got {value!r}")
@@ -157,6 +168,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (str, Path)):
         return f'"{value}"'
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)
 
 
@@ -167,6 +180,9 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
         tp = hints[f.name]
+        if isinstance(tp, type) and hasattr(tp, "toml_rows"):
+            rows.extend(tp.toml_rows(key))
+            continue
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         if dataclasses.is_dataclass(tp) or (len(inner) == 1 and dataclasses.is_dataclass(inner[0])):
             rows.extend(describe(tp if dataclasses.is_dataclass(tp) else inner[0], key))
@@ -198,4 +214,9 @@ def resolve_paths(cfg: T, base: Path) -> T:
             resolved = resolve_paths(value, base)
             if resolved is not value:
                 changes[f.name] = resolved
+        elif isinstance(value, Mapping):   # name -> config dataclass, e.g. the [backend.<name>] tables
+            items = {k: resolve_paths(v, base) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v
+                     for k, v in value.items()}
+            if any(items[k] is not value[k] for k in items):
+                changes[f.name] = items
     return dataclasses.replace(cfg, **changes) if changes else cfg

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge_infer.calibrate import add_calibrate_arguments, run_calibrate
+from edge_infer.calibration.command import add_calibrate_arguments, run_calibrate
+from edge_infer.modelcard import load_card
+from edge_infer.preprocess import encode_png
 from edge_infer.router import load_router
 from edge_infer.scores import SCORES, ScoreParams, make_scorer
 from edge_infer.tools.datasets import fashion_mnist_splits
 from edge_infer.tools.runmodel import edge_logits
-from edge_infer.modelcard import load_card
-from edge_infer.preprocess import encode_png
 
 from ..conftest import CLOUD_CARD, EDGE_CARD, REPO
 
@@ -272,7 +272,7 @@ def test_errors_tell_the_user_what_to_do(tmp_path, case):
 
 
 def test_runs_as_a_process(tmp_path):
-    code = ("import argparse, sys; from edge_infer.calibrate import add_calibrate_arguments, run_calibrate; "
+    code = ("import argparse, sys; from edge_infer.calibration.command import add_calibrate_arguments, run_calibrate; "
             "p = argparse.ArgumentParser(); add_calibrate_arguments(p); sys.exit(run_calibrate(p.parse_args()))")
     p = subprocess.run([sys.executable, "-c", code, "--edge-card", str(EDGE_CARD), "--cloud-predictions",
                         str(CLOUD_PREDICTIONS), "--limit", "1000", "--out", str(tmp_path), "--no-progress"],

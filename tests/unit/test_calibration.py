@@ -1,4 +1,4 @@
-"""Calibration maths (edge_infer.calibration) on synthetic logits."""
+"""Calibration maths (the pure modules of edge_infer.calibration) on synthetic logits."""
 from __future__ import annotations
 
 import sys
@@ -6,12 +6,15 @@ import sys
 import numpy as np
 import pytest
 
-from edge_infer.calibrate import policy_snippet
-from edge_infer.calibration import (
-    OperatingPoint, RouterTraining, Split, Target, auc, bootstrap_kept_difference, calibrate_arrays, choose_score,
-    cross_fit_router, evaluate_threshold, fit_temperature, fold_indices, kept_share_at, nll, offload_curve,
-    oracle_score, router_labels, select_threshold, train_router,
+from edge_infer.calibration.compare import Split, calibrate_arrays, choose_score
+from edge_infer.calibration.curves import (
+    OperatingPoint, auc, bootstrap_kept_difference, evaluate_threshold, kept_share_at, offload_curve, oracle_score,
 )
+from edge_infer.calibration.fitting import (
+    RouterTraining, cross_fit_router, fit_temperature, fold_indices, nll, router_labels, train_router,
+)
+from edge_infer.calibration.report import policy_snippet
+from edge_infer.calibration.threshold import Target, select_threshold
 from edge_infer.scores import ScoreParams, make_scorer, softmax
 
 if sys.version_info >= (3, 11):

@@ -88,3 +88,40 @@ def test_both_programs_resolve_every_relative_path_against_their_config_file(tmp
     d = load_device_config(tmp_path / "device.toml")
     assert (d.state_dir, d.model.card, d.spool.dir, d.mqtt.tls.key_file) == (
         tmp_path / "state", tmp_path / "m" / "card.json", tmp_path / "in", tmp_path / "pki" / "me.key")
+
+
+# ----------------------------------------------------------------------------- tomlcfg
+
+def test_tomlcfg_lists_hooks_and_path_mappings(tmp_path: Path):
+    from dataclasses import dataclass, field
+
+    from edge_infer.tomlcfg import build, describe, option, resolve_paths
+
+    @dataclass(frozen=True, kw_only=True)
+    class Leaf:
+        names: tuple[str, ...] = option(("a", "b"), help="names")
+        where: Path = option(Path("rel"), help="a path")
+
+    @dataclass(frozen=True)
+    class Named:
+        tables: dict = field(default_factory=dict, hash=False)
+
+        @classmethod
+        def from_toml(cls, value, key):
+            return cls({k: build(Leaf, v, f"{key}.{k}") for k, v in value.items()})
+
+        @classmethod
+        def toml_rows(cls, key):
+            return describe(Leaf, f"{key}.<name>")
+
+    @dataclass(frozen=True, kw_only=True)
+    class Top:
+        named: Named = option(factory=Named, help="[named.<name>] tables")
+
+    top = build(Top, {"named": {"x": {"names": ["c"]}}})
+    assert top.named.tables["x"] == Leaf(names=("c",))
+    assert describe(Top) == [("named.<name>.names", "a list of strings", '["a", "b"]', "names"),
+                             ("named.<name>.where", "a path string", '"rel"', "a path")]
+    assert resolve_paths(top, tmp_path).named.tables["x"].where == tmp_path / "rel"
+    with pytest.raises(ConfigError, match=r"named.x.names\[0\]: expected a string"):
+        build(Top, {"named": {"x": {"names": [1]}}})
