@@ -21,16 +21,20 @@ def _load(path: str):
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """The config, the model card and file, and the backend: known, runs the card's format, its runtime
+    installed here (probed, no model loaded: a running service may hold the accelerator)."""
+    from .backends import BackendError, check_backend
     from .modelcard import ModelCardError, load_card, verified_model_bytes
     try:
         cfg = _load(args.config)
         card = load_card(cfg.model.card)
         verified_model_bytes(card)
-    except (ConfigError, ModelCardError) as exc:
+        runtime = check_backend(cfg.model.backend, cfg.backend_options, card)
+    except (ConfigError, ModelCardError, BackendError) as exc:
         print(f"{args.config}: INVALID: {exc}", file=sys.stderr)
         return 2
-    print(f"{args.config}: OK (device {cfg.device_id}, model {card.model_id}, threshold {cfg.policy.threshold}, "
-          f"broker {cfg.mqtt.host}:{cfg.mqtt.port})")
+    print(f"{args.config}: OK (device {cfg.device_id}, model {card.model_id} on {cfg.model.backend} ({runtime}), "
+          f"threshold {cfg.policy.threshold}, broker {cfg.mqtt.host}:{cfg.mqtt.port})")
     return 0
 
 
@@ -187,9 +191,12 @@ def cmd_reset_store(args: argparse.Namespace) -> int:
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
-    from .backends import available
+    """Each registered backend: whether it can run here (default options), the formats it runs."""
+    from .backends import REGISTRY, available
     for name, state in available().items():
-        print(f"{name}: {state}")
+        entry = REGISTRY[name]
+        print(f"{name}: {state}\n    {entry.summary}; runs {', '.join(entry.formats)} models; "
+              f"options: [backend.{name}]")
     return 0
 
 

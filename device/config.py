@@ -5,11 +5,16 @@ See docs/configuration.md for the reference (generated from these classes).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .tomlcfg import ConfigError, build, in_range, load_toml, non_negative, one_of, option, positive, resolve_paths
+from .backends import REGISTRY, options_class, unknown_backend_message
+from .tomlcfg import (ConfigError, build, describe, in_range, load_toml, non_negative, one_of, option, positive,
+                      resolve_paths)
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -55,13 +60,58 @@ class MqttConfig:
     tls: TlsConfig | None = option(None, help="TLS settings; omit the table for plain TCP")
 
 
+def known_backend(value: str) -> str | None:
+    return None if value in REGISTRY else unknown_backend_message(value, named=False)
+
+
+#: [model] keys from before the per-backend tables: tflite-cpu options, still read
+LEGACY_TFLITE_KEYS = ("runtime", "num_threads")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     card: Path = option(help="path of the model card (card.json) beside the model file")
-    backend: str = option("tflite-cpu", help="inference backend (see `edge-infer backends`)")
-    runtime: str = option("auto", help="TFLite runtime: auto, ai-edge-litert or tflite-runtime",
-                          check=one_of("auto", "ai-edge-litert", "tflite-runtime"))
-    num_threads: int = option(1, help="interpreter threads; measure before raising it", check=in_range(1, 64))
+    backend: str = option("tflite-cpu", help="inference backend, a name from `edge-infer backends` "
+                                             "(docs/backends.md); its options are the [backend.<name>] table",
+                          check=known_backend)
+    runtime: str | None = option(None, help="deprecated: `backend.tflite-cpu.runtime` (still read when "
+                                            "[backend.tflite-cpu] is absent)",
+                                 check=one_of("auto", "ai-edge-litert", "tflite-runtime"))
+    num_threads: int | None = option(None, help="deprecated: `backend.tflite-cpu.num_threads` (still read when "
+                                                "[backend.tflite-cpu] is absent)", check=in_range(1, 64))
+
+    def legacy_options(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in LEGACY_TFLITE_KEYS if getattr(self, k) is not None}
+
+
+@dataclass(frozen=True)
+class BackendTables:
+    """The ``[backend.<name>]`` tables: each backend's own options, built by its ``Options``
+    class (named in the backend registry). A backend without a table gets its defaults."""
+
+    tables: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
+
+    @classmethod
+    def from_toml(cls, value: Any, key: str) -> "BackendTables":
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected tables like [{key}.tflite-cpu], got {value!r}")
+        tables = {}
+        for name, table in value.items():
+            if name not in REGISTRY:
+                raise ConfigError(f"[{key}.{name}]: {unknown_backend_message(name)}")
+            if not isinstance(table, dict):
+                raise ConfigError(f"{key}.{name}: expected a table [{key}.{name}], got {table!r}")
+            tables[name] = build(options_class(name), table, f"{key}.{name}")
+        return cls(tables)
+
+    @classmethod
+    def toml_rows(cls, key: str) -> list[tuple[str, str, str, str]]:
+        return [row for name in REGISTRY for row in describe(options_class(name), f"{key}.{name}")]
+
+    def get(self, name: str) -> Any:
+        """Backend ``name``'s options: its table, or its defaults."""
+        found = self.tables.get(name)
+        return found if found is not None else options_class(name)()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,6 +191,7 @@ class DeviceConfig:
     device_id: str = option(help="this device's id; it names its MQTT topics", check=topic_safe_id)
     state_dir: Path = option(Path("/var/lib/edge-infer"), help="where the outbox and results database live")
     model: ModelConfig = option(help="[model] table")
+    backend: BackendTables = option(factory=BackendTables, help="[backend.<name>] tables")
     policy: PolicyConfig = option(factory=PolicyConfig, help="[policy] table")
     mqtt: MqttConfig = option(factory=MqttConfig, help="[mqtt] table")
     outbox: OutboxConfig = option(factory=OutboxConfig, help="[outbox] table")
@@ -150,9 +201,28 @@ class DeviceConfig:
     log_level: str = option("INFO", help="DEBUG, INFO, WARNING or ERROR",
                             check=one_of("DEBUG", "INFO", "WARNING", "ERROR"))
 
+    def __post_init__(self) -> None:
+        legacy = self.model.legacy_options()
+        if not legacy:
+            return
+        keys = " and ".join(f"model.{k}" for k in legacy)
+        if self.model.backend != "tflite-cpu":
+            raise ConfigError(f"{keys}: options of the tflite-cpu backend, but model.backend is "
+                              f"{self.model.backend!r}; its options go in [backend.{self.model.backend}]")
+        if "tflite-cpu" in self.backend.tables:
+            raise ConfigError(f"{keys} and [backend.tflite-cpu] both set tflite-cpu options: move "
+                              f"{keys} into [backend.tflite-cpu]")
+
     @property
     def client_id(self) -> str:
         return self.mqtt.client_id or f"edge-infer-{self.device_id}"
+
+    @property
+    def backend_options(self) -> Any:
+        """The configured backend's ``Options`` (for tflite-cpu, the deprecated [model] keys apply)."""
+        options = self.backend.get(self.model.backend)
+        legacy = self.model.legacy_options()
+        return dataclasses.replace(options, **legacy) if legacy else options
 
 
 def parse_device_config(table: dict, base_dir: Path | None = None) -> DeviceConfig:

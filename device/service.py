@@ -64,7 +64,7 @@ class EdgeService:
         self.store = Store(Path(cfg.state_dir) / "edge-infer.db", max_bytes=cfg.outbox.max_bytes,
                            resend_after_s=cfg.outbox.resend_after_s)
         self.health = StoreHealth(self.store.path, self.counters)
-        self.classifier = Classifier(cfg.model, cfg.policy)
+        self.classifier = Classifier(cfg.model, cfg.policy, cfg.backend_options)
         pc = cfg.policy
         self.policy = OffloadPolicy(pc.threshold, pc.offload, pc.audit_rate, pc.max_samples_per_minute,
                                     pc.max_bytes_per_hour)

@@ -31,9 +31,24 @@ the dataclasses, not here.
 """
 
 NOTES = """
+## Backend options
+
+`model.backend` names the backend; its options are its own table,
+`[backend.<name>]` (rows `backend.<name>.*` above), and a backend without a
+table runs with its defaults. Tables for backends that are not selected are
+validated too, so a fleet config may carry both. The name is checked when the
+file loads (a typo stops `check-config` and the service with exit status 2);
+`check-config` and the start also check that the backend runs the card's
+format and that its runtime is installed. The contract, the registry and how
+to add a backend: [backends.md](backends.md).
+
+`model.runtime` and `model.num_threads` are the older spelling of
+`backend.tflite-cpu.runtime` and `backend.tflite-cpu.num_threads`; they are
+still read when `[backend.tflite-cpu]` is absent (giving both is an error).
+
 ## Choosing a TFLite runtime
 
-`model.runtime = "auto"` tries **ai-edge-litert** first, then **tflite-runtime**.
+`backend.tflite-cpu.runtime = "auto"` tries **ai-edge-litert** first, then **tflite-runtime**.
 ai-edge-litert is the maintained successor: it works with numpy 2, has wheels
 for Python 3.10-3.14 on x86_64 and aarch64 (JetPack 6 and Raspberry Pi OS
 resolve it) and runs int8 models through XNNPACK. tflite-runtime 2.14 (its

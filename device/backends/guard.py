@@ -34,10 +34,25 @@ class InvokeGuard:
             self._started = time.monotonic()
             try:
                 if self._hang_after is not None:
-                    self._maybe_hang()
+                    self._maybe_hang(1)
                 return self.backend.invoke(tensor)
             finally:
                 self._started = 0.0
+
+    def invoke_batch(self, tensor: np.ndarray) -> np.ndarray:
+        """(N, ...) inputs -> (N, classes) outputs, under the same lock and watchdog timing."""
+        with self._lock:
+            self._started = time.monotonic()
+            try:
+                if self._hang_after is not None:
+                    self._maybe_hang(len(tensor))
+                return self.backend.invoke_batch(tensor)
+            finally:
+                self._started = 0.0
+
+    @property
+    def max_batch(self) -> int:
+        return self.backend.max_batch
 
     def stuck_for(self) -> float:
         """Seconds the invoke in progress has been running (0 when none is)."""
@@ -45,12 +60,12 @@ class InvokeGuard:
         return time.monotonic() - started if started else 0.0
 
     def close(self) -> None:
-        """Close the backend once no invoke is running."""
+        """Close the backend once no invoke is running (backends' close() is idempotent)."""
         with self._lock:
             self.backend.close()
 
-    def _maybe_hang(self) -> None:
-        self._invokes += 1
+    def _maybe_hang(self, inputs: int) -> None:
+        self._invokes += inputs
         if self._invokes > (self._hang_after or 0):
             log.warning("test failpoint: inference hangs now (%s)", FAILPOINT_ENV)
             threading.Event().wait()

@@ -10,12 +10,14 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..modelcard import ModelCard
-from . import BackendError, BackendOptions
+from ..tomlcfg import in_range, one_of, option
+from . import BackendError, TensorSpec, invoke_each
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,17 @@ RUNTIMES = {
 }
 AUTO_ORDER = ("ai-edge-litert", "tflite-runtime")
 _DTYPES = {"int8": np.int8, "uint8": np.uint8, "float32": np.float32}
+
+
+@dataclass(frozen=True)
+class Options:
+    """``[backend.tflite-cpu]``. Positional (runtime, num_threads) for older callers."""
+
+    runtime: str = option("auto", help="TFLite runtime: auto (ai-edge-litert, then tflite-runtime), "
+                                       "ai-edge-litert or tflite-runtime",
+                          check=one_of("auto", *RUNTIMES))
+    num_threads: int = option(1, help="interpreter threads; measure before raising it (small models get slower)",
+                              check=in_range(1, 64))
 
 
 def load_interpreter_module(runtime: str) -> tuple[Any, str]:
@@ -52,18 +65,21 @@ def load_interpreter_module(runtime: str) -> tuple[Any, str]:
     )
 
 
-def probe() -> str:
-    try:
-        _, runtime = load_interpreter_module("auto")
-    except BackendError as exc:
-        return f"unavailable: {exc}"
-    return f"ok ({runtime})"
+def probe(options: Options) -> str:
+    """The runtime ``options`` select, installed here ("ai-edge-litert 2.3.0"); BackendError if none is."""
+    return load_interpreter_module(options.runtime)[1]
+
+
+def _closed(*_: object) -> Any:
+    raise BackendError("the tflite-cpu backend is closed")
 
 
 class TFLiteCPUBackend:
     name = "tflite-cpu"
+    #: the shipped models are batch-of-one; one invoke per input
+    max_batch = 1
 
-    def __init__(self, card: ModelCard, model_bytes: bytes, options: BackendOptions) -> None:
+    def __init__(self, card: ModelCard, model_bytes: bytes, options: Options) -> None:
         module, self.runtime = load_interpreter_module(options.runtime)
         try:
             self._interp = module.Interpreter(model_content=model_bytes, num_threads=options.num_threads)
@@ -74,6 +90,8 @@ class TFLiteCPUBackend:
         (inp,) = self._interp.get_input_details()
         (out,) = self._interp.get_output_details()
         self._check(card, inp, out)
+        self.input = TensorSpec(tuple(int(d) for d in inp["shape"]), np.dtype(inp["dtype"]).name)
+        self.output = TensorSpec(tuple(int(d) for d in out["shape"]), np.dtype(out["dtype"]).name)
         self._in_index = inp["index"]
         self._out_index = out["index"]
         # set_tensor + invoke + get_tensor is the documented fast path;
@@ -104,11 +122,16 @@ class TFLiteCPUBackend:
         self._invoke()
         return self._get(self._out_index)
 
+    def invoke_batch(self, tensor: np.ndarray) -> np.ndarray:
+        return invoke_each(self, tensor)
+
     def close(self) -> None:
+        # The bound methods hold the interpreter too: drop them, so that closing frees the model.
+        self._set = self._invoke = self._get = _closed
         self._interp = None  # type: ignore[assignment]
 
 
-def create(card: ModelCard, model_bytes: bytes, options: BackendOptions) -> TFLiteCPUBackend:
+def create(card: ModelCard, model_bytes: bytes, options: Options) -> TFLiteCPUBackend:
     if card.format != "tflite":
         raise BackendError(f"backend tflite-cpu runs .tflite models; {card.path} describes a {card.format} model")
     return TFLiteCPUBackend(card, model_bytes, options)

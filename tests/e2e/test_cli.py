@@ -136,3 +136,64 @@ def test_run_with_a_missing_model_exits_2_with_one_clear_line(tmp_path):
     p = run("-m", "edge_infer", "run", "--config", str(cfg))
     assert p.returncode == 2
     assert "model card" in p.stderr and "not found" in p.stderr and "Traceback" not in p.stderr
+
+
+def _with_backend(cfg, card, backend: str, table: str = "") -> None:
+    text = cfg.read_text().replace(f'card = "{EDGE_CARD}"', f'card = "{card}"\nbackend = "{backend}"')
+    cfg.write_text(text + (f"[backend.{backend}]\n{table}\n" if table else ""))
+
+
+def _without(tmp_path, module: str) -> dict:
+    """An environment in which ``import module`` fails, as on a device without that runtime."""
+    shadow = tmp_path / f"no-{module}" / module
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text(f"raise ImportError({f'No module named {module!r} (hidden by the test)'!r})\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(shadow.parent),
+                                                                      os.environ.get("PYTHONPATH")]))}
+
+
+def test_check_config_and_run_refuse_an_unknown_backend_with_exit_2(tmp_path):
+    cfg = device_toml(tmp_path, 1883)
+    _with_backend(cfg, EDGE_CARD, "tflite-gpu")
+    for command in (["check-config", str(cfg)], ["run", "--config", str(cfg)]):
+        p = run("-m", "edge_infer", *command)
+        assert p.returncode == 2, p.stderr
+        assert "model.backend = 'tflite-gpu': unknown backend (did you mean 'tflite-cpu'?)" in p.stderr
+        assert "Traceback" not in p.stderr
+
+
+def test_check_config_refuses_a_backend_that_does_not_run_the_cards_format(tmp_path):
+    cfg = device_toml(tmp_path, 1883)
+    _with_backend(cfg, EDGE_CARD, "onnxruntime")
+    p = run("-m", "edge_infer", "check-config", str(cfg))
+    assert p.returncode == 2 and "backend onnxruntime runs onnx models" in p.stderr and "tflite-cpu" in p.stderr
+
+
+def test_a_missing_runtime_stops_check_config_and_run_with_exit_2(tmp_path):
+    cfg = device_toml(tmp_path, 1883)
+    _with_backend(cfg, CLOUD_CARD, "onnxruntime", 'providers = ["CPUExecutionProvider"]')
+    assert run("-m", "edge_infer", "check-config", str(cfg)).returncode == 0
+    env = _without(tmp_path, "onnxruntime")
+    for command in (["check-config", str(cfg)], ["run", "--config", str(cfg)]):
+        p = subprocess.run([sys.executable, "-m", "edge_infer", *command], capture_output=True, text=True,
+                           timeout=120, cwd=REPO, env=env)
+        assert p.returncode == 2, p.stderr
+        assert "onnxruntime is not installed" in p.stderr and "edge-infer[onnx]" in p.stderr
+        assert "Traceback" not in p.stderr
+
+
+def test_classify_with_the_onnxruntime_backend_answers_as_the_cloud_worker(tmp_path, fmnist):
+    from edge_infer_cloud.model import CloudModel
+    images = fmnist["test"].images[:20]
+    files = []
+    for i, im in enumerate(images):
+        files.append(tmp_path / f"{i}.png")
+        files[-1].write_bytes(encode_png(im))
+    cfg = device_toml(tmp_path, 1883)
+    _with_backend(cfg, CLOUD_CARD, "onnxruntime", "intra_op_threads = 1")
+    p = run("-m", "edge_infer", "check-config", str(cfg))
+    assert p.returncode == 0 and "on onnxruntime (onnxruntime " in p.stdout, p.stderr
+    p = run("-m", "edge_infer", "classify", "--config", str(cfg), *map(str, files))
+    assert p.returncode == 0, p.stderr
+    labels = [json.loads(x)["label"] for x in p.stdout.splitlines()]
+    assert labels == CloudModel(CLOUD_CARD).predict_fitted(images).tolist()

@@ -90,6 +90,55 @@ def test_both_programs_resolve_every_relative_path_against_their_config_file(tmp
         tmp_path / "state", tmp_path / "m" / "card.json", tmp_path / "in", tmp_path / "pki" / "me.key")
 
 
+# ----------------------------------------------------------------------------- backends
+
+def test_backend_tables_are_each_backends_own_options():
+    from edge_infer.backends.onnxrt import Options as OnnxOptions
+    from edge_infer.backends.tflite_cpu import Options as TFLiteOptions
+    cfg = parse_device_config({**BASE, "model": {"card": "c", "backend": "onnxruntime"},
+                               "backend": {"onnxruntime": {"intra_op_threads": 2, "providers": ["CPUExecutionProvider"]},
+                                           "tflite-cpu": {"num_threads": 4}}})
+    assert cfg.backend_options == OnnxOptions(intra_op_threads=2, providers=("CPUExecutionProvider",))
+    assert cfg.backend.get("tflite-cpu") == TFLiteOptions(num_threads=4)   # validated though not selected
+    assert parse_device_config(BASE).backend_options == TFLiteOptions()    # no table: the defaults
+
+
+@pytest.mark.parametrize("table, needle", [
+    ({**BASE, "model": {"card": "c", "backend": "tflite-gpu"}},
+     "model.backend = 'tflite-gpu': unknown backend (did you mean 'tflite-cpu'?); known backends: onnxruntime, "
+     "tflite-cpu"),
+    ({**BASE, "backend": {"edgetpu": {"device": "usb"}}}, "[backend.edgetpu]: unknown backend 'edgetpu'"),
+    ({**BASE, "backend": {"tflite-cpu": {"threads": 2}}}, "unknown key 'backend.tflite-cpu.threads'"),
+    ({**BASE, "backend": {"tflite-cpu": {"runtime": "tensorflow"}}}, "backend.tflite-cpu.runtime = 'tensorflow'"),
+    ({**BASE, "backend": {"onnxruntime": {"providers": []}}}, "must name at least one execution provider"),
+    ({**BASE, "backend": {"onnxruntime": {"providers": ["CUDA"]}}}, "'CUDA' is not an execution provider name"),
+    ({**BASE, "backend": {"onnxruntime": {"max_batch": 0}}}, "backend.onnxruntime.max_batch = 0"),
+    ({**BASE, "backend": {"onnxruntime": 1}}, "expected a table [backend.onnxruntime]"),
+    ({**BASE, "backend": 1}, "backend: expected tables"),
+    ({**BASE, "model": {"card": "c", "runtime": "auto"}, "backend": {"tflite-cpu": {}}},
+     "move model.runtime into [backend.tflite-cpu]"),
+    ({**BASE, "model": {"card": "c", "backend": "onnxruntime", "num_threads": 2}},
+     "model.num_threads: options of the tflite-cpu backend, but model.backend is 'onnxruntime'"),
+])
+def test_bad_backend_config_is_named(table, needle):
+    with pytest.raises(ConfigError) as exc:
+        parse_device_config(table)
+    assert needle in str(exc.value)
+
+
+def test_older_model_runtime_and_num_threads_still_apply_to_tflite_cpu():
+    from edge_infer.backends.tflite_cpu import Options
+    cfg = parse_device_config({**BASE, "model": {"card": "c", "runtime": "tflite-runtime", "num_threads": 2}})
+    assert cfg.backend_options == Options(runtime="tflite-runtime", num_threads=2)
+
+
+def test_shipped_device_config_uses_the_backend_table():
+    from edge_infer.backends.tflite_cpu import Options
+    cfg = load_device_config(Path(__file__).resolve().parents[2] / "deploy" / "config" / "edge-infer.toml")
+    assert cfg.model.backend == "tflite-cpu" and cfg.model.legacy_options() == {}
+    assert cfg.backend_options == Options(runtime="auto", num_threads=1)
+
+
 # ----------------------------------------------------------------------------- tomlcfg
 
 def test_tomlcfg_lists_hooks_and_path_mappings(tmp_path: Path):
