@@ -10,17 +10,16 @@ the host computes a fine-grained softmax from the dequantized logits.
 Reproducible: tf.keras.utils.set_random_seed + deterministic ops; the checkpoint
 (epoch) is selected on the validation split; the test split is not used here.
 
-    .venv-train/bin/python models/train_edge.py
+    .venv-train/bin/python models/recipes/fmnist/train_edge.py
 
 Outputs: models/fmnist-edge-v1/model.tflite and card.json (metrics filled in by
-models/evaluate.py), plus logs/checkpoints under models/.cache/ (git-ignored).
+models/recipes/fmnist/evaluate.py), plus logs/checkpoints under models/.cache/ (git-ignored).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -29,8 +28,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # exact, reproducible float
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _data  # noqa: E402
+import _data  # this folder's helpers (the script's folder is on sys.path)
 
 OUT_DIR = _data.MODELS_DIR / "fmnist-edge-v1"
 SEED = 20261125
@@ -192,9 +190,9 @@ def main() -> None:
         },
         "output": {"kind": "logits", "dtype": "int8",
                    "quantization": {"scale": float(out_scale), "zero_point": int(out_zp)}},
-        "metrics": {},  # filled in by models/evaluate.py
+        "metrics": {},  # filled in by models/recipes/fmnist/evaluate.py
         "training": {
-            "script": "models/train_edge.py",
+            "script": "models/recipes/fmnist/train_edge.py",
             "seed": args.seed,
             "framework": f"tensorflow {tf.__version__} (keras {tf.keras.__version__})",
             "epochs": args.epochs,

@@ -3,20 +3,19 @@
 
 Reproducible: every random draw is seeded (weights, shuffling, augmentation) and
 deterministic algorithms are enforced. The checkpoint is selected on the
-validation split; the test split is never looked at here (models/evaluate.py
+validation split; the test split is never looked at here (models/recipes/fmnist/evaluate.py
 measures it through onnxruntime).
 
-    .venv-train/bin/python models/train_cloud.py            # train + export
-    .venv-train/bin/python models/train_cloud.py --bench     # time one epoch's worth of steps
+    .venv-train/bin/python models/recipes/fmnist/train_cloud.py            # train + export
+    .venv-train/bin/python models/recipes/fmnist/train_cloud.py --bench     # time one epoch's worth of steps
 
 Outputs: models/fmnist-cloud-v1/model.onnx and card.json (metrics filled in by
-models/evaluate.py), plus checkpoints/logs under models/.cache/ (git-ignored).
+models/recipes/fmnist/evaluate.py), plus checkpoints/logs under models/.cache/ (git-ignored).
 """
 from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -25,8 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _data  # noqa: E402
+import _data  # this folder's helpers (the script's folder is on sys.path)
 
 OUT_DIR = _data.MODELS_DIR / "fmnist-cloud-v1"
 SEED = 20261124
@@ -266,9 +264,9 @@ def export(args, ckpt_path: Path, mean: float, std: float, n_params: int, train_
             "std": std,
         },
         "output": {"kind": "logits", "dtype": "float32"},
-        "metrics": {},  # filled in by models/evaluate.py
+        "metrics": {},  # filled in by models/recipes/fmnist/evaluate.py
         "training": {
-            "script": "models/train_cloud.py",
+            "script": "models/recipes/fmnist/train_cloud.py",
             "seed": args.seed,
             "framework": f"torch {torch.__version__}",
             "epochs": args.epochs,

@@ -6,7 +6,7 @@
          ai-edge-litert with 1 thread, one image per invoke, dequantized logits):
          edge_infer.tools.runmodel.edge_logits.
 - cloud: models/fmnist-cloud-v1 through the cloud worker's CloudModel
-         (onnxruntime, 1 thread).
+         (onnxruntime, 1 thread): edge_infer.tools.runmodel.cloud_outputs.
 
 Writes card.json "metrics" (val/test accuracy, runtime, ms per image at batch 1)
 and predictions.npz (float32 logits: val_logits, test_logits, val_labels,
@@ -14,22 +14,19 @@ test_labels) next to each model. For the offload trade between the two, run
 `edge-infer calibrate` (docs/calibration.md).
 
     .venv-train/bin/pip install -e .      # the edge_infer package, for its runtime code
-    .venv-train/bin/python models/evaluate.py
+    .venv-train/bin/python models/recipes/fmnist/evaluate.py
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _data  # noqa: E402
-
-from edge_infer.tools.runmodel import edge_logits  # noqa: E402
-from edge_infer.modelcard import load_card  # noqa: E402
+import _data  # this folder's helpers (the script's folder is on sys.path)
+from edge_infer.modelcard import load_card
+from edge_infer.tools.runmodel import cloud_outputs, edge_logits
 
 EDGE_DIR = _data.MODELS_DIR / "fmnist-edge-v1"
 CLOUD_DIR = _data.MODELS_DIR / "fmnist-cloud-v1"
@@ -51,12 +48,13 @@ def run_edge(card_path: Path, split_images: dict[str, np.ndarray]) -> tuple[dict
 def run_cloud(card_path: Path, split_images: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float, str]:
     from edge_infer_cloud.model import CloudModel
     model = CloudModel(card_path, intra_op_threads=1)
-    logits = {name: model.logits(images, batch_size=500) for name, images in split_images.items()}
+    logits = {name: cloud_outputs(model, images, batch_size=500, progress=False, label=f"cloud {name}")
+              for name, images in split_images.items()}
     # latency at batch 1 (what one offloaded request costs), on 1,000 test images after warm-up
     test = split_images["test"][:1100]
-    model.logits(test[:100], batch_size=1)
+    cloud_outputs(model, test[:100], batch_size=1, progress=False)
     t0 = time.perf_counter()
-    model.logits(test[100:], batch_size=1)
+    cloud_outputs(model, test[100:], batch_size=1, progress=False)
     ms = 1000.0 * (time.perf_counter() - t0) / len(test[100:])
     return logits, ms, model.runtime
 

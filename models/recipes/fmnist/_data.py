@@ -1,28 +1,24 @@
-"""Shared helpers for the model scripts: the project's Fashion-MNIST split.
+"""Shared helpers for the Fashion-MNIST recipes: the project's split, the card writer.
 
-The split itself is defined once in device/datasets.py (fashion_mnist_splits);
-this helper imports that module straight from the repository so the scripts do
-not depend on the edge_infer package being installed.
+The split itself is defined once, in the installed edge_infer package
+(edge_infer.tools.datasets.fashion_mnist_splits), so training, calibration and the
+demo agree on it; the card is hashed with the runtime's own reader.
 """
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-MODELS_DIR = Path(__file__).resolve().parent
-REPO_ROOT = MODELS_DIR.parent
+from edge_infer import modelcard
+from edge_infer.tools import datasets
+
+RECIPE_DIR = Path(__file__).resolve().parent
+MODELS_DIR = RECIPE_DIR.parents[1]          # models/: one folder per model version
 CACHE_DIR = MODELS_DIR / ".cache"  # git-ignored: logs, checkpoints, intermediate files
-
-if str(REPO_ROOT / "device") not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT / "device"))
-
-import datasets  # noqa: E402  (device/datasets.py)
-import modelcard  # noqa: E402  (device/modelcard.py: the card reader the runtime uses)
 
 LABELS = list(datasets.FMNIST_LABELS)
 DATASET_DESCRIPTION = (
-    "Fashion-MNIST (Debian dataset-fashion-mnist), split from device/datasets.py: "
+    "Fashion-MNIST (Debian dataset-fashion-mnist), split from edge_infer.tools.datasets: "
     "55,000 train / 5,000 val / 10,000 test"
 )
 
