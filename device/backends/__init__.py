@@ -66,7 +66,7 @@ class Backend(Protocol):
         """One batch-of-one input tensor (card layout and dtype) -> the raw output (1, classes)."""
 
     def invoke_batch(self, tensor: np.ndarray) -> np.ndarray:
-        """(N, ...) inputs -> raw outputs (N, classes), any N, run ``max_batch`` at a time."""
+        """(N, ...) inputs -> raw outputs (N, classes), any N >= 1, run ``max_batch`` at a time."""
 
     def close(self) -> None:
         """Release the model; safe to call twice. Invoking afterwards raises BackendError."""
