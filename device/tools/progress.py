@@ -1,10 +1,20 @@
 """Progress of the tools' long loops: a tqdm bar on a terminal, one summary line otherwise."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 
-TOOLS_EXTRA = "tools"   # pip install 'edge-infer[tools]' brings tqdm
+
+def _size(stream) -> tuple[int, int]:
+    """The terminal's (columns, lines) for tqdm; 80 x 24 where it reports none (a serial console,
+    a pty without a size), where tqdm would hide the bar."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+        columns, lines = size.columns, size.lines
+    except (AttributeError, OSError, ValueError):
+        columns, lines = 0, 0
+    return (columns or 80) - 1, (lines or 24) - 1
 
 
 class Progress:
@@ -25,7 +35,8 @@ class Progress:
             except ImportError:
                 pass   # the summary line only
             else:
-                self._bar = tqdm(total=self.total, desc=label, file=stream, mininterval=0.1, dynamic_ncols=True)
+                ncols, nrows = _size(stream)
+                self._bar = tqdm(total=self.total, desc=label, file=stream, mininterval=0.1, ncols=ncols, nrows=nrows)
 
     def update(self, n: int) -> None:
         if self._bar is not None and n != self.n:
