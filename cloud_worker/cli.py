@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 
+from edge_infer.errors import EdgeInferError
 from edge_infer.tomlcfg import ConfigError
 
 log = logging.getLogger("edge_infer_cloud")
@@ -31,13 +32,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    from edge_infer.modelcard import ModelCardError
     worker = CloudWorker(cfg)
     try:
         worker.start()
-    except ModelCardError as exc:
-        log.error("cannot start: %s", exc)   # the operator must act: no restart loop (exit 2)
-        return 2
+    except EdgeInferError as exc:
+        log.error("cannot start: %s", exc)   # exit 2 where the operator must act: no restart loop
+        return exc.exit_code
     except Exception as exc:
         log.error("cannot start: %s", exc)
         return 1
@@ -49,16 +49,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from edge_infer.modelcard import ModelCardError, load_card, verified_model_bytes
+    from edge_infer.modelcard import load_card, verified_model_bytes
 
     from .config import load_worker_config
     try:
         cfg = load_worker_config(args.config)
         card = load_card(cfg.model.card)
         verified_model_bytes(card)
-    except (ConfigError, ModelCardError) as exc:
+    except EdgeInferError as exc:
         print(f"{args.config}: INVALID: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     print(f"{args.config}: OK (model {card.model_id}, group {cfg.worker.group}, broker {cfg.mqtt.host}:{cfg.mqtt.port})")
     return 0
 

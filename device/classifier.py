@@ -13,10 +13,10 @@ import numpy as np
 from .backends import create_backend
 from .backends.guard import InvokeGuard
 from .config import ModelConfig, PolicyConfig
-from .confidence import ScoreParams, as_score_logits, load_router, make_scorer
 from .modelcard import ModelCard, load_card, verified_model_bytes
 from .preprocess import Preprocessor
-from .scores import Prediction, dequantize, top1
+from .router import load_router
+from .scores import Prediction, ScoreParams, as_score_logits, dequantize, make_scorer, top1
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+from .errors import EdgeInferError
 from .tomlcfg import ConfigError
 
 log = logging.getLogger("edge_infer")
@@ -23,16 +24,16 @@ def _load(path: str):
 def cmd_check_config(args: argparse.Namespace) -> int:
     """The config, the model card and file, and the backend: known, runs the card's format, its runtime
     installed here (probed, no model loaded: a running service may hold the accelerator)."""
-    from .backends import BackendError, check_backend
-    from .modelcard import ModelCardError, load_card, verified_model_bytes
+    from .backends import check_backend
+    from .modelcard import load_card, verified_model_bytes
     try:
         cfg = _load(args.config)
         card = load_card(cfg.model.card)
         verified_model_bytes(card)
         runtime = check_backend(cfg.model.backend, cfg.backend_options, card)
-    except (ConfigError, ModelCardError, BackendError) as exc:
+    except EdgeInferError as exc:
         print(f"{args.config}: INVALID: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     print(f"{args.config}: OK (device {cfg.device_id}, model {card.model_id} on {cfg.model.backend} ({runtime}), "
           f"threshold {cfg.policy.threshold}, broker {cfg.mqtt.host}:{cfg.mqtt.port})")
     return 0
@@ -63,19 +64,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    from .errors import EdgeInferError
-    from .modelcard import ModelCardError
-    from .router import RouterFileError
     try:
         service = EdgeService(cfg)
         service.start()
-    except (ModelCardError, RouterFileError) as exc:
-        # The operator must act (a restart would fail the same way): exit 2, like a config error.
-        log.error("cannot start: %s", exc)
-        notifier.status(f"cannot start: {exc}")
-        return 2
     except EdgeInferError as exc:
-        # e.g. the store: empty or damaged (exit 2), read-only or full (exit 2: the operator must act)
+        # Exit 2 where the operator must act (model card, router, backend, store): a restart would
+        # fail the same way, and the unit's RestartPreventExitStatus=2 stops the loop.
         log.error("cannot start: %s", exc)
         notifier.status(f"cannot start: {exc}")
         return exc.exit_code
@@ -247,11 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every command's own errors end it here, as one line and their exit code (2: the operator must act)."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in TOOLS:
-        return run_tool(argv[0], argv[1:])
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    name = argv[0] if argv else ""
+    try:
+        if name in TOOLS:
+            return run_tool(name, argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except EdgeInferError as exc:
+        print(f"edge-infer {name}: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends import REGISTRY, options_class, unknown_backend_message
+from .scores import SCORES
 from .tomlcfg import (ConfigError, build, describe, in_range, load_toml, non_negative, one_of, option, positive,
                       resolve_paths)
 
@@ -118,8 +119,8 @@ class BackendTables:
 class PolicyConfig:
     threshold: float = option(0.9, help="offload when the confidence score is below this (pick it with "
                                         "`edge-infer calibrate`)", check=in_range(0.0, 1.0))
-    score: str = option("max_softmax", help="confidence score: max_softmax, temperature, margin, entropy or router",
-                        check=one_of("max_softmax", "temperature", "margin", "entropy", "router"))
+    score: str = option("max_softmax", help="confidence score: " + ", ".join(SCORES[:-1]) + " or " + SCORES[-1],
+                        check=one_of(*SCORES))
     temperature: float = option(1.0, help="softmax temperature for score = \"temperature\" (fitted by calibrate)",
                                 check=positive)
     router_file: Path | None = option(None, help="router JSON written by calibrate, for score = \"router\"")

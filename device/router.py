@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from .errors import EdgeInferError
 
 #: Router feature groups (computed by ``edge_infer.scores.router_features``). Widths depend on
 #: the number of classes C.
@@ -36,8 +37,10 @@ ROUTER_FORMAT = "edge-infer-router"
 ROUTER_VERSION = 1
 
 
-class RouterFileError(ValueError):
+class RouterFileError(EdgeInferError, ValueError):
     """A router JSON file is missing or malformed; the message names the file and the field."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,10 @@ offloads an input when ``score < threshold``. Offloading input i replaces the ed
 by the cloud answer, so the hybrid accuracy at a threshold is
 ``mean(where(score < t, cloud_ok, edge_ok))``.
 """
+from ..errors import EdgeInferError
 
 
-class CalibrateError(Exception):
+class CalibrateError(EdgeInferError):
     """A user-facing problem with the inputs; the message says what to do."""
+
+    exit_code = 2

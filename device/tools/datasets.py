@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from ..errors import EdgeInferError
 
 DEFAULT_FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_LABELS: tuple[str, ...] = (
@@ -25,8 +26,10 @@ SPLIT_SEED = 20261123
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-class DatasetError(ValueError):
+class DatasetError(EdgeInferError, ValueError):
     """A dataset file is missing or not in the expected format."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)

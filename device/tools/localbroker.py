@@ -8,12 +8,13 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from ..errors import EdgeInferError
 
 log = logging.getLogger(__name__)
 
 
-class BrokerError(RuntimeError):
-    pass
+class BrokerError(EdgeInferError, RuntimeError):
+    """The local Mosquitto could not be started (not installed, no free port, it exited)."""
 
 
 def find_mosquitto() -> str:
