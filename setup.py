@@ -31,6 +31,8 @@ setup(
         # numpy<2 and has no wheels beyond Python 3.11.
         "tflite-runtime": ["tflite-runtime>=2.14,<2.15", "numpy<2"],
         "cloud": ["onnxruntime>=1.16"],
+        # the onnxruntime backend on the device (Jetson without TensorRT); onnxruntime-gpu for CUDA
+        "onnx": ["onnxruntime>=1.16"],
         "systemd": ["systemd-python>=234"],
         # progress bars in the tools (demo, calibrate, model evaluation); never a device dependency
         "tools": TOOLS,
