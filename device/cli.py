@@ -201,6 +201,8 @@ TOOLS = {
                   "add_calibrate_arguments", "run_calibrate"),
     "demo": ("the whole loop on this machine: broker, cloud worker, device, test set", ".tools.demo",
              "add_demo_arguments", "run_demo"),
+    "pki": ("the fleet's certificates: CA, broker, devices, workers; rotation and revocation", ".tools.pki",
+            "add_pki_arguments", "run_pki"),
 }
 
 
