@@ -33,12 +33,14 @@ setup(
         "cloud": ["onnxruntime>=1.16"],
         # the onnxruntime backend on the device (Jetson without TensorRT); onnxruntime-gpu for CUDA
         "onnx": ["onnxruntime>=1.16"],
+        # `edge-infer pki`: the fleet CA and certificates (an admin tool, never on a device)
+        "pki": ["cryptography>=42"],
         "systemd": ["systemd-python>=234"],
         # progress bars in the tools (demo, calibrate, model evaluation); never a device dependency
         "tools": TOOLS,
         # `edge-infer calibrate` draws the offload curve (an ML engineer's tool, not a device dependency)
         "calibrate": ["matplotlib>=3.6", *TOOLS],
-        "dev": ["pytest>=8", "ruff>=0.5", "systemd-python>=234", "hypothesis>=6.100", *TOOLS],
+        "dev": ["pytest>=8", "ruff>=0.5", "systemd-python>=234", "hypothesis>=6.100", "cryptography>=42", *TOOLS],
     },
     entry_points={
         "console_scripts": [
