@@ -9,6 +9,7 @@ import sys
 import threading
 
 from edge_infer.errors import EdgeInferError
+from edge_infer.identity import check_tls_identity, worker_cn
 from edge_infer.tomlcfg import ConfigError
 
 log = logging.getLogger("edge_infer_cloud")
@@ -34,6 +35,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     worker = CloudWorker(cfg)
     try:
+        # The broker names the worker by its certificate's CN (worker:<id>) and its ACL grants the
+        # status topic of that id only: refuse to run with another worker's certificate (exit 2).
+        check_tls_identity(cfg.mqtt.tls, worker_cn(worker.worker_id), setting="[worker] id (or --worker-id)")
         worker.start()
     except EdgeInferError as exc:
         log.error("cannot start: %s", exc)   # exit 2 where the operator must act: no restart loop

@@ -30,6 +30,7 @@ from . import __version__, protocol
 from .classifier import Classifier, Inference
 from .config import DeviceConfig
 from .errors import StoreUnavailable
+from .identity import check_tls_identity
 from .mqtt_link import MqttLink, pack_user_properties
 from .policy import OffloadPolicy, plan_offload
 from .preprocess import CONTENT_TYPES, ImageError, decode_image, encode_sample, to_uint8, upright
@@ -105,6 +106,7 @@ class EdgeService:
         """
         if self._started_at:
             raise RuntimeError("EdgeService.start() called twice")
+        check_tls_identity(self.cfg.mqtt.tls, self.cfg.device_id)   # IdentityError (exit 2): not this device's certificate
         self.classifier.start()
         try:
             requeued = self.store.open()
