@@ -31,6 +31,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         card = load_card(cfg.model.card)
         verified_model_bytes(card)
         runtime = check_backend(cfg.model.backend, cfg.backend_options, card)
+        from .identity import check_tls_identity
+        check_tls_identity(cfg.mqtt.tls, cfg.device_id)   # what the start refuses, refused here first
     except EdgeInferError as exc:
         print(f"{args.config}: INVALID: {exc}", file=sys.stderr)
         return exc.exit_code

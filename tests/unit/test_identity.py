@@ -103,3 +103,18 @@ def test_the_worker_exits_2_unless_its_id_is_its_certificates(pki, tmp_path):
     p = _run("-m", "edge_infer_cloud", "run", "--config", str(toml), "--worker-id", "w2")
     assert p.returncode == 2, p.stderr
     assert "'worker:w1'" in p.stderr and "'worker:w2'" in p.stderr and "--worker-id" in p.stderr
+
+
+def test_check_config_refuses_a_certificate_of_another_device(tmp_path):
+    """What the start refuses, check-config (run by Ansible before a restart) refuses too."""
+    from edge_infer.cli import main
+    from edge_infer.tools.pki import FleetPki
+
+    from ..conftest import EDGE_CARD
+    pki = FleetPki(tmp_path / "pki")
+    pki.init()
+    other = pki.add_device("cam-2")
+    cfg = tmp_path / "d.toml"
+    cfg.write_text(f'device_id = "cam-1"\n[model]\ncard = "{EDGE_CARD}"\n[mqtt.tls]\nca_file = "{tmp_path}/pki/ca.pem"\n'
+                   f'cert_file = "{other.cert}"\nkey_file = "{other.key}"\n')
+    assert main(["check-config", str(cfg)]) == 2
