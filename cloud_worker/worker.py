@@ -195,12 +195,14 @@ class CloudWorker:
         assert self.link is not None
         self.counters.inc("rejected")
         self.counters.inc(f"rejected_{code}")
-        log.warning("rejected sample on %s: %s: %s", msg.topic, code, message)
+        log.warning("rejected sample on %r: %s: %s", msg.topic[:200], code, message[:500])
         if req is None:
             # A reply is safe only to the sender's own corrections topic with a usable id.
+            # A device id outside the documented pattern is no device of ours: no reply to it either.
             device = protocol.device_of_sample_topic(msg.topic, self.cfg.mqtt.topic_prefix)
             cd = msg.correlation_data
-            ok_topic = device is not None and msg.response_topic == protocol.Topics(self.cfg.mqtt.topic_prefix, device).corrections
+            ok_topic = (device is not None and protocol.valid_device_id(device)
+                        and msg.response_topic == protocol.Topics(self.cfg.mqtt.topic_prefix, device).corrections)
             sid = cd.decode("ascii", "replace") if cd else ""
             if not (ok_topic and cd and protocol.valid_sample_id(sid)):
                 self.link.ack(msg.mid, 1)

@@ -144,14 +144,19 @@ class OutboxConfig:
                                check=in_range(1, 65535))
     max_age_s: float = option(24 * 3600.0, help="a sample not corrected within this expires (its local answer "
                                                 "stands)", check=positive)
-    max_bytes: int = option(256 * 1024 * 1024, help="disk budget for the payloads of samples awaiting correction; "
-                                                    "beyond it the oldest are evicted (counted, local answers stay)",
+    max_bytes: int = option(256 * 1024 * 1024, help="disk budget for the payloads of samples awaiting correction "
+                                                    "(and of those kept after it, which go first); beyond it the "
+                                                    "oldest are evicted (counted, local answers stay)",
                             check=positive)
     resend_after_s: float = option(120.0, help="a delivered sample with no reply after this is sent again "
                                                "(the broker may have had no worker for it); the wait doubles "
                                                "with each attempt, up to 64x", check=positive)
     max_payload_bytes: int = option(1024 * 1024, help="largest sample payload accepted for offload",
                                     check=positive)
+    keep_payload_after_correction: bool = option(
+        False, help="keep a corrected sample's image in the state database (e.g. to retrain with the cloud's "
+                    "labels) until its result is pruned (results.keep) or outbox.max_bytes needs the room; "
+                    "false: dropped when the correction is applied (and, at start, any an earlier run kept)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -78,6 +78,26 @@ def _wal_warning(path: Path) -> str | None:
     return None
 
 
+#: The state database holds sample images and results: readable by the service's user only.
+#: SQLite creates the -wal and -shm files with the database file's mode, so setting it on the
+#: database before its first write covers them; files left by an older release are set too.
+PRIVATE_MODE = 0o600
+
+
+def make_private(path: Path) -> None:
+    """The database (and its -wal/-shm, where present) set to mode 0600. A file system without
+    permissions (or a file of another user) gets a warning, not a failure."""
+    for suffix in ("", "-wal", "-shm"):
+        p = Path(f"{path}{suffix}")
+        try:
+            if (p.stat().st_mode & 0o777) != PRIVATE_MODE:
+                os.chmod(p, PRIVATE_MODE)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("could not make %s private (mode 0600): %s", p, exc)
+
+
 def free_bytes(directory: Path) -> int:
     st = os.statvfs(directory)
     return st.f_bavail * st.f_frsize
@@ -141,6 +161,7 @@ def rebuild(path: Path, schema: str, tables: tuple[str, ...]) -> Path:
         p.unlink(missing_ok=True)
     new = sqlite3.connect(fresh, isolation_level=None)
     try:
+        make_private(fresh)   # before the rows are copied in
         new.executescript(schema)
         new.execute("ATTACH ? AS old", (f"file:{path}?mode=ro",))
         new.execute("BEGIN")

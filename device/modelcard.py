@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,19 +88,40 @@ def _req(d: dict, key: str, typ: type | tuple, where: str) -> Any:
     return value
 
 
-def _quant(d: dict | None, dtype: str, where: str) -> Quantization | None:
+def _number(d: dict, key: str, default: float, where: str) -> float:
+    """An optional finite number (a JSON integer or float; not a string, not true/false)."""
+    value = d.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ModelCardError(f"{where}: {key!r} must be a number, not {type(value).__name__}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ModelCardError(f"{where}: {key!r} must be a finite number")
+    return number
+
+
+def _quant(d: Any, dtype: str, where: str) -> Quantization | None:
     if dtype in ("int8", "uint8"):
         if not isinstance(d, dict):
             raise ModelCardError(f"{where}: a {dtype} tensor needs 'quantization' {{scale, zero_point}}")
-        scale = float(_req(d, "scale", (int, float), where))
+        _req(d, "scale", (int, float), where)
+        scale = _number(d, "scale", 0.0, where)
         if scale <= 0:
             raise ModelCardError(f"{where}: quantization scale must be > 0")
-        return Quantization(scale, int(_req(d, "zero_point", int, where)))
+        zero_point = _req(d, "zero_point", int, where)
+        if not -(1 << 31) <= zero_point < (1 << 31):
+            raise ModelCardError(f"{where}: quantization zero_point {zero_point} is out of range")
+        return Quantization(scale, zero_point)
     return None
 
 
-def parse_card(data: dict, card_path: Path) -> ModelCard:
+def parse_card(data: Any, card_path: Path) -> ModelCard:
+    """A card from its parsed JSON. Raises ModelCardError (and nothing else) for anything malformed."""
     where = str(card_path)
+    if not isinstance(data, dict):
+        raise ModelCardError(f"{where}: expected a JSON object")
     if _req(data, "schema", int, where) != 1:
         raise ModelCardError(f"{where}: unsupported card schema {data['schema']} (this version reads 1)")
     inp = _req(data, "input", dict, where)
@@ -110,38 +132,51 @@ def parse_card(data: dict, card_path: Path) -> ModelCard:
     shape = tuple(_req(inp, "shape", list, where + " input"))
     layout = _req(inp, "layout", str, where + " input")
     if layout not in ("NHWC", "NCHW") or len(shape) != 4:
-        raise ModelCardError(f"{where}: input must be 4-D NHWC or NCHW, got {layout} {shape}")
+        raise ModelCardError(f"{where}: input must be 4-D NHWC or NCHW, got {layout} {shape}"[:300])
+    if not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n < (1 << 31) for n in shape[1:]) or not (
+            isinstance(shape[0], int) and not isinstance(shape[0], bool) and (shape[0] == -1 or 0 < shape[0] < (1 << 31))):
+        raise ModelCardError(f"{where}: input shape must be 4 positive integers (the batch may be -1), got {shape}"[:300])
     in_dtype = _req(inp, "dtype", str, where + " input")
     out_dtype = _req(out, "dtype", str, where + " output")
     for dt in (in_dtype, out_dtype):
         if dt not in ("int8", "uint8", "float32"):
-            raise ModelCardError(f"{where}: unsupported dtype {dt!r} (int8, uint8, float32)")
+            raise ModelCardError(f"{where}: unsupported dtype {dt[:40]!r} (int8, uint8, float32)")
     color = inp.get("color", "L")
-    if color not in ("L", "RGB"):
+    if not isinstance(color, str) or color not in ("L", "RGB"):
         raise ModelCardError(f"{where}: input color must be 'L' or 'RGB'")
-    std = float(inp.get("std", 1.0))
+    std = _number(inp, "std", 1.0, where + " input")
     if std <= 0:
         raise ModelCardError(f"{where}: input std must be > 0")
     spec = InputSpec(
-        shape=tuple(int(s) for s in shape), layout=layout, dtype=in_dtype, color=color,
-        pixel_scale=float(inp.get("pixel_scale", 255.0)), mean=float(inp.get("mean", 0.0)), std=std,
+        shape=shape, layout=layout, dtype=in_dtype, color=color,
+        pixel_scale=_number(inp, "pixel_scale", 255.0, where + " input"),
+        mean=_number(inp, "mean", 0.0, where + " input"), std=std,
         quantization=_quant(inp.get("quantization"), in_dtype, where + " input"),
     )
     if spec.channels != (1 if color == "L" else 3):
         raise ModelCardError(f"{where}: input color {color} does not match {spec.channels} channels")
     kind = out.get("kind", "logits")
-    if kind not in ("logits", "probabilities"):
+    if not isinstance(kind, str) or kind not in ("logits", "probabilities"):
         raise ModelCardError(f"{where}: output kind must be 'logits' or 'probabilities'")
     file = card_path.parent / _req(data, "file", str, where)
     sha = _req(data, "sha256", str, where).lower()
     if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
         raise ModelCardError(f"{where}: 'sha256' must be 64 hex digits")
+    params = data.get("params", 0)
+    if not isinstance(params, int) or isinstance(params, bool) or params < 0:
+        raise ModelCardError(f"{where}: 'params' must be a whole number of parameters")
+    metrics = data.get("metrics", {})
+    if not isinstance(metrics, dict):
+        raise ModelCardError(f"{where}: 'metrics' must be an object")
+    role = data.get("role", "")
+    if not isinstance(role, str):
+        raise ModelCardError(f"{where}: 'role' must be a string")
     return ModelCard(
         path=card_path, name=_req(data, "name", str, where), version=_req(data, "version", str, where),
-        role=data.get("role", ""), format=_req(data, "format", str, where), file=file, sha256=sha,
-        params=int(data.get("params", 0)), labels=labels, input=spec,
+        role=role, format=_req(data, "format", str, where), file=file, sha256=sha,
+        params=params, labels=labels, input=spec,
         output=OutputSpec(kind, out_dtype, _quant(out.get("quantization"), out_dtype, where + " output")),
-        metrics=dict(data.get("metrics", {})),
+        metrics=dict(metrics),
     )
 
 
@@ -151,8 +186,8 @@ def load_card(path: str | Path) -> ModelCard:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise ModelCardError(f"model card {path} not found; set [model] card to the card.json beside the model") from None
-    except (OSError, ValueError) as exc:
-        raise ModelCardError(f"model card {path} is not readable JSON: {exc}") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ModelCardError(f"model card {path} is not readable JSON: {str(exc)[:300] or type(exc).__name__}") from None
     if not isinstance(data, dict):
         raise ModelCardError(f"model card {path}: expected a JSON object")
     return parse_card(data, path)

@@ -68,8 +68,10 @@ def decode_image(data: bytes, *, max_bytes: int = 16 * 1024 * 1024, max_pixels: 
                 pixels = to_uint8(img)
     except ImageError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"not a decodable image: {exc}") from None
+    except Exception as exc:
+        # Whatever a decoder trips on in hostile bytes (OSError, ValueError, SyntaxError, EOFError,
+        # struct.error, a decompression bomb, ...): the only error a caller sees is ImageError.
+        raise ImageError(f"not a decodable image: {str(exc)[:300] or type(exc).__name__}") from None
     if expected_type is not None:
         ctype = expected_type
     elif fmt == "PPM":

@@ -11,15 +11,17 @@ Topics (``P`` = topic prefix, ``D`` = device id):
 - ``P/_workers/W/status``  worker ``W``, retained, QoS 1, JSON; last will = offline.
 
 Workers subscribe with ``$share/<group>/P/+/samples``. Everything received is
-untrusted: parsers check size, types and ranges and raise ProtocolError.
+untrusted: parsers check size, types and ranges and raise ProtocolError, and
+nothing else, whatever the bytes (tests/unit/test_hostile_input.py).
 """
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
+from .config import topic_safe_id
 from .errors import EdgeInferError
 from .preprocess import CONTENT_TYPES
 from .result import Result
@@ -31,9 +33,15 @@ _SAMPLE_ID_MAX = 64
 #: Every code a worker puts in an error reply (and counts as ``rejected_<code>``):
 #: the envelope checks of parse_sample, then the worker's own image and model checks.
 SAMPLE_ERROR_CODES: tuple[str, ...] = (
-    "bad_topic", "bad_response_topic", "no_correlation", "bad_correlation", "device_mismatch", "bad_version",
-    "bad_content_type", "too_large", "empty", "bad_image", "model_error",
+    "bad_topic", "bad_device_id", "bad_response_topic", "no_correlation", "bad_correlation", "device_mismatch",
+    "bad_version", "bad_content_type", "too_large", "empty", "bad_image", "model_error",
 )
+#: Every code parse_reply raises (a device counts each as ``replies_rejected_<code>``).
+REPLY_ERROR_CODES: tuple[str, ...] = (
+    "too_large", "no_correlation", "bad_json", "bad_schema", "bad_version", "bad_correlation", "bad_label",
+)
+#: Every code decode_results and decode_status raise.
+MESSAGE_ERROR_CODES: tuple[str, ...] = ("bad_json", "bad_schema")
 
 
 class ProtocolError(EdgeInferError, ValueError):
@@ -87,6 +95,19 @@ def valid_sample_id(value: str) -> bool:
     return 0 < len(value) <= _SAMPLE_ID_MAX and value.isascii() and all(c.isalnum() or c in "-_." for c in value)
 
 
+def valid_device_id(value: str) -> bool:
+    """The documented device id pattern (``device_id`` in the device config): it names MQTT topics."""
+    return topic_safe_id(value) is None
+
+
+def _json(payload: bytes, what: str) -> Any:
+    """JSON from the network: anything that is not JSON (or nests too deep to parse) is ``bad_json``."""
+    try:
+        return json.loads(payload)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ProtocolError("bad_json", f"{what} is not JSON") from None
+
+
 # ---------------------------------------------------------------- samples
 
 @dataclass(frozen=True)
@@ -132,6 +153,9 @@ def parse_sample(topic: str, payload: bytes, *, prefix: str, content_type: str |
     device_id = device_of_sample_topic(topic, prefix)
     if device_id is None:
         raise ProtocolError("bad_topic", f"topic {topic!r} is not {prefix}/<device>/samples")
+    if not valid_device_id(device_id):
+        raise ProtocolError("bad_device_id", f"device id {device_id[:80]!r} in the topic is not a valid device id "
+                            "(1-64 letters, digits, '_', '.', '-', starting with a letter or digit)")
     expected_reply = Topics(prefix, device_id).corrections
     if response_topic != expected_reply:
         # Replying anywhere else would let a sender make workers publish to
@@ -152,8 +176,10 @@ def parse_sample(topic: str, payload: bytes, *, prefix: str, content_type: str |
                             f"user property device_id {props.get('device_id')!r} does not match topic device {device_id!r}")
     if props.get("sample_id", sample_id) != sample_id:
         raise ProtocolError("bad_correlation", "user property sample_id differs from the correlation data")
-    if props.get("v", str(VERSION)) != str(VERSION):
-        raise ProtocolError("bad_version", f"protocol version {props.get('v')!r} not supported (this worker speaks {VERSION})")
+    if props.get("v") != str(VERSION):
+        # Required: a sample without a version is not one this worker can vouch it understands.
+        raise ProtocolError("bad_version", f"protocol version {str(props.get('v'))[:20]!r} not supported "
+                            f"(the v user property must be {VERSION})")
     if content_type not in CONTENT_TYPES:
         raise ProtocolError("bad_content_type",
                             f"content type {content_type!r} not accepted; use one of {', '.join(CONTENT_TYPES)}")
@@ -164,7 +190,9 @@ def parse_sample(topic: str, payload: bytes, *, prefix: str, content_type: str |
     created = None
     try:
         created = float(props["created_at"]) if "created_at" in props else None
-    except ValueError:
+    except (TypeError, ValueError):
+        created = None
+    if created is not None and not math.isfinite(created):
         created = None
     return SampleRequest(device_id, sample_id, response_topic, bytes(correlation_data), content_type, payload, created)
 
@@ -211,40 +239,55 @@ def _field(obj: dict, key: str, typ: type | tuple) -> Any:
     return value
 
 
-def parse_reply(payload: bytes, correlation_data: bytes | None, num_labels: int) -> Correction | ErrorReply:
-    """Validate a correction or error reply received by a device."""
+def _text(value: Any, limit: int, default: str = "") -> str:
+    """A free-text field from the network: a string cut to ``limit``; anything else is ``default``."""
+    return value[:limit] if isinstance(value, str) else default
+
+
+def parse_reply(payload: bytes, correlation_data: bytes | None, labels: Sequence[str]) -> Correction | ErrorReply:
+    """Validate a correction or error reply received by a device.
+
+    ``labels`` are the device's own model card's labels: a correction's label
+    must be one of them, and its ``label_name`` is the card's name for it; the
+    name in the reply is ignored (a reply cannot make a device publish a name
+    its model does not have). The Correlation Data is required and must be
+    the ``sample_id``. Raises ProtocolError (codes: REPLY_ERROR_CODES) and
+    nothing else.
+    """
     if len(payload) > MAX_REPLY_BYTES:
         raise ProtocolError("too_large", f"reply of {len(payload)} bytes exceeds {MAX_REPLY_BYTES}")
-    try:
-        obj = json.loads(payload)
-    except (UnicodeDecodeError, ValueError):
-        raise ProtocolError("bad_json", "reply is not JSON") from None
+    if not correlation_data:
+        raise ProtocolError("no_correlation", "reply has no correlation data (a reply must echo the sample's)")
+    obj = _json(payload, "reply")
     if not isinstance(obj, dict):
         raise ProtocolError("bad_schema", "reply is not a JSON object")
-    if obj.get("v") != VERSION:
-        raise ProtocolError("bad_version", f"reply version {obj.get('v')!r} is not {VERSION}")
+    if obj.get("v") != VERSION or isinstance(obj.get("v"), bool):
+        raise ProtocolError("bad_version", f"reply version {_text(obj.get('v'), 20, '?')!r} is not {VERSION}")
     sample_id = _field(obj, "sample_id", str)
     if not valid_sample_id(sample_id):
         raise ProtocolError("bad_schema", "sample_id is not a valid sample id")
-    if correlation_data is not None and correlation_data != sample_id.encode():
+    if correlation_data != sample_id.encode():
         raise ProtocolError("bad_correlation", "correlation data does not match sample_id")
-    worker = str(obj.get("worker", ""))[:128]
+    worker = _text(obj.get("worker"), 128)
     kind = obj.get("type")
     if kind == "error":
         err = obj.get("error")
         if not isinstance(err, dict):
             raise ProtocolError("bad_schema", "error reply without an 'error' object")
-        return ErrorReply(sample_id, str(err.get("code", "unknown"))[:64], str(err.get("message", ""))[:500], worker)
+        return ErrorReply(sample_id, _text(err.get("code"), 64, "unknown"), _text(err.get("message"), 500), worker)
     if kind != "correction":
-        raise ProtocolError("bad_schema", f"unknown reply type {kind!r}")
+        raise ProtocolError("bad_schema", f"unknown reply type {_text(kind, 40, '?')!r}")
     label = _field(obj, "label", int)
-    if not 0 <= label < num_labels:
-        raise ProtocolError("bad_label", f"label {label} out of range 0..{num_labels - 1}")
-    confidence = float(_field(obj, "confidence", (int, float)))
-    if not (0.0 <= confidence <= 1.0) or math.isnan(confidence):
+    if not 0 <= label < len(labels):
+        raise ProtocolError("bad_label", f"label {label} out of range 0..{len(labels) - 1}"[:120])
+    raw = _field(obj, "confidence", (int, float))
+    try:
+        confidence = float(raw)
+    except OverflowError:   # an integer too large for a float
+        confidence = math.inf
+    if not (0.0 <= confidence <= 1.0):   # NaN fails this too
         raise ProtocolError("bad_schema", "confidence must be within [0, 1]")
-    return Correction(sample_id, label, str(obj.get("label_name", ""))[:128], confidence,
-                      str(obj.get("model", ""))[:128], worker)
+    return Correction(sample_id, label, labels[label], confidence, _text(obj.get("model"), 128), worker)
 
 
 # ---------------------------------------------------------------- results and status
@@ -277,11 +320,8 @@ def encode_results(results: list[Result], device_id: str) -> bytes:
 
 def decode_results(payload: bytes) -> list[dict[str, Any]]:
     """For subscribers: the results in one message (validates the envelope)."""
-    try:
-        obj = json.loads(payload)
-    except (UnicodeDecodeError, ValueError):
-        raise ProtocolError("bad_json", "results message is not JSON") from None
-    if not isinstance(obj, dict) or obj.get("v") != VERSION or not isinstance(obj.get("results"), list):
+    obj = _json(payload, "results message")
+    if not isinstance(obj, dict) or obj.get("v") != VERSION or isinstance(obj.get("v"), bool) or not isinstance(obj.get("results"), list):
         raise ProtocolError("bad_schema", "results message must be {'v': 1, 'device': ..., 'results': [...]}")
     results = obj["results"]
     if not all(isinstance(r, dict) for r in results):
@@ -298,3 +338,29 @@ def encode_status(fields: dict[str, Any]) -> bytes:
 
 def offline_status(device_id: str) -> bytes:
     return encode_status({"device": device_id, "state": "offline"})
+
+
+#: the states a device or worker status says
+STATUS_STATES = ("online", "degraded", "offline")
+
+
+def decode_status(payload: bytes) -> dict[str, Any]:
+    """For subscribers: a device's (``P/D/status``) or a worker's (``P/_workers/W/status``) status.
+
+    Checks the envelope: a JSON object with ``v`` 1, a ``state`` of STATUS_STATES,
+    a ``device`` or ``worker`` id (a string), and ``counters``, when present, an
+    object of integers. Other fields are passed through (subscribers ignore
+    keys they do not know). Raises ProtocolError (``bad_json``, ``bad_schema``).
+    """
+    obj = _json(payload, "status message")
+    if not isinstance(obj, dict) or obj.get("v") != VERSION or isinstance(obj.get("v"), bool):
+        raise ProtocolError("bad_schema", "status message must be a JSON object with 'v': 1")
+    if obj.get("state") not in STATUS_STATES:
+        raise ProtocolError("bad_schema", f"status 'state' must be one of {', '.join(STATUS_STATES)}")
+    if not any(isinstance(obj.get(k), str) and obj.get(k) for k in ("device", "worker")):
+        raise ProtocolError("bad_schema", "status message names no 'device' or 'worker'")
+    counters = obj.get("counters")
+    if counters is not None and not (isinstance(counters, dict) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in counters.values())):
+        raise ProtocolError("bad_schema", "status 'counters' must be an object of integers")
+    return obj

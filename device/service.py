@@ -63,7 +63,8 @@ class EdgeService:
         self.topics = protocol.Topics(cfg.mqtt.topic_prefix, cfg.device_id)
         self.counters = Counters()
         self.store = Store(Path(cfg.state_dir) / "edge-infer.db", max_bytes=cfg.outbox.max_bytes,
-                           resend_after_s=cfg.outbox.resend_after_s)
+                           resend_after_s=cfg.outbox.resend_after_s,
+                           keep_payloads=cfg.outbox.keep_payload_after_correction)
         self.health = StoreHealth(self.store.path, self.counters)
         self.classifier = Classifier(cfg.model, cfg.policy, cfg.backend_options)
         pc = cfg.policy
@@ -122,7 +123,7 @@ class EdgeService:
         self.writer.start()
         if connect:
             self.uplink = Uplink(self.cfg, self.store, self.health, self.counters,
-                                 num_labels=len(self.card.labels), waiters=self._waiters, status_fields=self.status)
+                                 labels=self.card.labels, waiters=self._waiters, status_fields=self.status)
             self.uplink.start()
         if self.cfg.spool.dir is not None:
             self.spool = SpoolWatcher(self.cfg.spool.dir, self.classify_bytes, self.counters, flush=self.flush,

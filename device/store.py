@@ -34,8 +34,9 @@ from .result import Result
 from .storeschema import OPEN_STATES, OUTBOX_STATES, TABLES, TABLES_SQL, initial_counts, migrate
 from .storerecords import ApplyOutcome, Due, OpenReport, OutboxItem, RecordOutcome, row_to_result
 from .storesql import (
-    CHUNK, DUPLICATE_CORRECTION, DUPLICATE_ERROR, EVICTABLE, EXPIRABLE, NEW, RESULT_COLS, SQL_ACKED, SQL_CORRECT,
-    SQL_ERROR, SQL_EVICT, SQL_EXPIRE, SQL_PRUNE_OUTBOX, SQL_QUEUED, SQL_REFUSED, SQL_REQUEUE, SQL_RESEND, SQL_SENT,
+    CHUNK, DUPLICATE_CORRECTION, DUPLICATE_ERROR, EVICTABLE, EXPIRABLE, KEPT_INDEX, NEW, RESULT_COLS, SQL_ACKED,
+    SQL_CORRECT, SQL_CORRECT_KEEP, SQL_DROP_ALL_KEPT, SQL_DROP_KEPT, SQL_ERROR, SQL_EVICT, SQL_EXPIRE, SQL_KEPT_INDEX,
+    SQL_KEPT_OLDEST, SQL_PRUNE_OUTBOX, SQL_QUEUED, SQL_REFUSED, SQL_REQUEUE, SQL_RESEND, SQL_SENT, UNSENT,
 )
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,16 @@ log = logging.getLogger(__name__)
 class Store:
     """Thread-safe: one connection, one lock; every public method is one transaction."""
 
-    def __init__(self, path: Path, max_bytes: int | None = None, resend_after_s: float = 120.0) -> None:
+    def __init__(self, path: Path, max_bytes: int | None = None, resend_after_s: float = 120.0, *,
+                 keep_payloads: bool = False) -> None:
         self.path = Path(path)
-        #: budget for the payloads of samples not yet corrected; None = unbounded
+        #: budget for the payloads held (samples not yet corrected, and those kept after correction); None = unbounded
         self.max_bytes = max_bytes
         self.resend_after_s = resend_after_s
+        #: outbox.keep_payload_after_correction: a corrected sample's image stays until its result is
+        #: pruned or the byte budget needs the room; false: dropped with the correction (and, at open,
+        #: any kept by an earlier run with it true)
+        self.keep_payloads = keep_payloads
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._last_seq = 0
@@ -79,9 +85,32 @@ class Store:
         except sqlite3.Error as exc:
             self.close()
             raise dbfile.classify(exc, self.path) from None
-        self.report = OpenReport(n, opened.notices, opened.repaired)
+        notices = opened.notices
+        try:
+            dropped = self._kept_payloads_at_open()
+        except sqlite3.Error as exc:
+            self.close()
+            raise dbfile.classify(exc, self.path) from None
+        if dropped:
+            notices += (f"dropped the images of {dropped} corrected sample(s) kept by an earlier run "
+                        "(outbox.keep_payload_after_correction is false)",)
+        self.report = OpenReport(n, notices, opened.repaired)
         if n:
             log.info("re-queued %d in-flight sample(s) from the previous run", n)
+        return n
+
+    def _kept_payloads_at_open(self) -> int:
+        """Keeping: the partial index that finds kept payloads (for the byte budget). Not keeping:
+        the payloads an earlier run kept are dropped, with that index. Returns how many were dropped."""
+        db = self._conn()
+        if self.keep_payloads:
+            db.execute(SQL_KEPT_INDEX)
+            return 0
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type='index' AND name=?", (KEPT_INDEX,)).fetchone() is None:
+            return 0   # never kept (or rebuilt since: then pruning with the results drops them)
+        with self._tx() as tx:
+            n = tx.execute(SQL_DROP_ALL_KEPT).rowcount
+            tx.execute(f"DROP INDEX {KEPT_INDEX}")
         return n
 
     def repair(self) -> str:
@@ -96,6 +125,8 @@ class Store:
             finally:
                 self._db = storeopen.connect(self.path)
             migrate(self._db, self.resend_after_s)
+            if self.keep_payloads:
+                self._db.execute(SQL_KEPT_INDEX)
             self._last_seq = max(self._last_seq, self._max_seq())
         return (f"state database {self.path} was damaged while running; its tables were intact and were copied "
                 f"into a rebuilt database (every index rebuilt). The damaged file is kept as {aside}")
@@ -169,6 +200,16 @@ class Store:
         evicted: list[Due] = []
         now = time.time()
         held = self._count(db, "outbox.bytes")
+        while held > self.max_bytes and self.keep_payloads:
+            # Images kept after correction go first (oldest first): they are no sample's only chance.
+            kept = db.execute(SQL_KEPT_OLDEST).fetchall()
+            if not kept:
+                break
+            for seq, size in kept:
+                if held <= self.max_bytes:
+                    break
+                db.execute(SQL_DROP_KEPT, (seq,))
+                held -= size
         while held > self.max_bytes:
             rows = sorted(r for state in EVICTABLE for r in db.execute(
                 "SELECT seq, sample_id, size FROM outbox WHERE state=? ORDER BY seq LIMIT 64", (state.value,)))
@@ -280,16 +321,18 @@ class Store:
 
     # ------------------------------------------------------------ replies
     def apply_correction(self, c: Correction, now: float | None = None) -> ApplyOutcome:
-        """Apply a cloud correction exactly once (keyed by sample id)."""
+        """Apply a cloud correction exactly once (keyed by sample id), to a sample that was sent and
+        awaits a reply (inflight, delivered, or queued to be sent again). ``c.label_name`` is stored as
+        given: the caller takes it from its own model card (protocol.parse_reply does)."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            row = db.execute("SELECT state FROM outbox WHERE sample_id=?", (c.sample_id,)).fetchone()
-            if row is None:
-                return ApplyOutcome(None, "unknown")
+            row = db.execute("SELECT state, attempts FROM outbox WHERE sample_id=?", (c.sample_id,)).fetchone()
+            if row is None or (row[0] == UNSENT and row[1] == 0):
+                return ApplyOutcome(None, "unknown")   # never sent: no worker can be answering it
             if row[0] not in OPEN_STATES:
                 return ApplyOutcome(None, "duplicate" if row[0] in DUPLICATE_CORRECTION else "late")
             # ``applied`` counts applications; the state check above keeps it at most 1 (fault tests audit it).
-            db.execute(SQL_CORRECT, (now, c.sample_id))
+            db.execute(SQL_CORRECT_KEEP if self.keep_payloads else SQL_CORRECT, (now, c.sample_id))
             seq = self._next_seq()
             db.execute("UPDATE results SET label=?, label_name=?, confidence=?, origin='cloud', state='final', "
                        "corrected_at=?, cloud_model=?, pub_seq=? WHERE sample_id=?",
@@ -300,9 +343,9 @@ class Store:
     def apply_error(self, e: ErrorReply) -> ApplyOutcome:
         """The cloud could not process the sample: the local answer becomes final."""
         with self._tx() as db:
-            row = db.execute("SELECT state FROM outbox WHERE sample_id=?", (e.sample_id,)).fetchone()
-            if row is None:
-                return ApplyOutcome(None, "unknown")
+            row = db.execute("SELECT state, attempts FROM outbox WHERE sample_id=?", (e.sample_id,)).fetchone()
+            if row is None or (row[0] == UNSENT and row[1] == 0):
+                return ApplyOutcome(None, "unknown")   # never sent: no worker can be answering it
             if row[0] not in OPEN_STATES:
                 return ApplyOutcome(None, "duplicate" if row[0] in DUPLICATE_ERROR else "late")
             reason = f"cloud error {e.code}: {e.message}"

@@ -33,7 +33,8 @@ def open_writable(path: Path, resend_after_s: float, *, check: bool = True) -> O
         found = dbfile.check_file(path)
         if found.warning:
             notices.append(found.warning)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # The unit's StateDirectoryMode is 0750; a directory made here gets the same.
+        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         dbfile.preflight_writable(path)
         db = connect(path)
         repaired = False
@@ -87,11 +88,14 @@ def connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
         db.execute("PRAGMA query_only=1")
         return db
     db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+    # Mode 0600 before anything is written: the -wal and -shm SQLite creates take the database's mode.
+    dbfile.make_private(path)
     db.execute("PRAGMA journal_mode=WAL")
     # NORMAL in WAL mode: a commit survives a process crash (kill -9); a power cut can
     # lose the last commits but never corrupts the file. Commits that precede an
     # acknowledgement to a source (a spool file moved to done/) are made durable.
     db.execute("PRAGMA synchronous=NORMAL")
+    dbfile.make_private(path)   # -wal/-shm left by an older release, which did not set the mode
     return db
 
 

@@ -38,12 +38,14 @@ TRANSITION_ROWS: tuple[tuple[tuple[OutboxState, ...], OutboxState, str], ...] = 
     ((_S.INFLIGHT,), _S.DELIVERED, "the broker acknowledged it (PUBACK)"),
     ((_S.INFLIGHT,), _S.QUEUED, "at start-up: the process that sent it is gone"),
     ((_S.DELIVERED,), _S.QUEUED, "no reply by resend_at (outbox.resend_after_s, doubling up to 64x)"),
-    ((_S.QUEUED, _S.INFLIGHT, _S.DELIVERED), _S.CORRECTED,
-     "a correction was applied (it can overtake the device's bookkeeping)"),
+    ((_S.INFLIGHT, _S.DELIVERED), _S.CORRECTED, "a correction was applied (from inflight: it overtook the PUBACK)"),
+    ((_S.QUEUED,), _S.CORRECTED, "a correction to an earlier send, the sample queued to be sent again "
+                                 "(never one never sent: refused as unknown)"),
     ((_S.QUEUED, _S.DELIVERED), _S.EXPIRED, "not corrected within outbox.max_age_s of its creation"),
     ((_S.QUEUED, _S.DELIVERED), _S.EVICTED, "outbox.max_bytes reached: oldest uncorrected first"),
     ((_S.QUEUED, _S.INFLIGHT), _S.FAILED, "the broker refused it or the client could not send it (reason kept)"),
-    ((_S.QUEUED, _S.INFLIGHT, _S.DELIVERED), _S.FAILED, "a worker answered with an error reply (its code kept)"),
+    ((_S.INFLIGHT, _S.DELIVERED), _S.FAILED, "a worker answered with an error reply (its code kept)"),
+    ((_S.QUEUED,), _S.FAILED, "an error reply to an earlier send, the sample queued to be sent again"),
 )
 #: the reasons of each edge, in the table's order
 TRANSITION_REASONS: dict[tuple[OutboxState, OutboxState], tuple[str, ...]] = {}
@@ -56,7 +58,8 @@ TRANSITIONS: dict[OutboxState, frozenset[OutboxState]] = {
 del _sources, _to, _why, _from
 
 OUTBOX_STATES = tuple(s.value for s in OutboxState)
-#: states in which a reply from the cloud may still be applied
+#: states in which a reply from the cloud may still be applied (in queued, only to a sample sent before:
+#: attempts > 0; the link worker records a sample as inflight before it applies a reply to it)
 OPEN_STATES = tuple(s.value for s in OutboxState if _S.CORRECTED in TRANSITIONS[s])
 #: states whose rows are done with (never left): pruned together with their results
 DONE_STATES = tuple(s.value for s in OutboxState if not TRANSITIONS[s])

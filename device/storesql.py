@@ -57,9 +57,23 @@ SQL_RESEND = (f"UPDATE outbox SET state={_into(_S.QUEUED, _S.DELIVERED)}, update
                # delivered row (65 ms a pass at 100k, measured by bench/store_scale_bench.py).
                f"FROM outbox INDEXED BY outbox_resend WHERE state={sql_states(_S.DELIVERED)} AND resend_at <= ? "
                "ORDER BY resend_at LIMIT ?)")
-# replies: the state was read (and found open) in the same transaction
+#: A sample in this state with no attempts was never sent: no worker can be answering it, so a reply
+#: for it is refused as unknown (a forger guessing ids). The link worker records the samples it hands
+#: to the MQTT client as inflight before it applies a reply to one of them.
+UNSENT = _S.QUEUED.value
+# replies: the state was read (and found open and sent) in the same transaction
 SQL_CORRECT = (f"UPDATE outbox SET state={_into(_S.CORRECTED, *OPEN)}, payload=NULL, updated_at=?, "
                 "applied=applied+1 WHERE sample_id=?")
+#: outbox.keep_payload_after_correction = true: the image stays (for retraining) until its result is
+#: pruned (results.keep) or the byte budget needs the room (kept payloads go first, oldest first)
+SQL_CORRECT_KEEP = (f"UPDATE outbox SET state={_into(_S.CORRECTED, *OPEN)}, updated_at=?, "
+                     "applied=applied+1 WHERE sample_id=?")
+_KEPT = f"state={sql_states(_S.CORRECTED)} AND payload IS NOT NULL"
+KEPT_INDEX = "outbox_kept"
+SQL_KEPT_INDEX = f"CREATE INDEX IF NOT EXISTS {KEPT_INDEX} ON outbox(seq) WHERE {_KEPT}"
+SQL_KEPT_OLDEST = f"SELECT seq, size FROM outbox INDEXED BY {KEPT_INDEX} WHERE {_KEPT} ORDER BY seq LIMIT 64"
+SQL_DROP_KEPT = "UPDATE outbox SET payload=NULL WHERE seq=?"
+SQL_DROP_ALL_KEPT = f"UPDATE outbox INDEXED BY {KEPT_INDEX} SET payload=NULL WHERE {_KEPT}"
 SQL_ERROR = (f"UPDATE outbox SET state={_into(_S.FAILED, *OPEN)}, last_error=?, payload=NULL, updated_at=? "
               "WHERE sample_id=?")
 SQL_PRUNE_OUTBOX = f"DELETE FROM outbox WHERE sample_id=? AND state IN {sql_states(*(_S(s) for s in DONE_STATES))}"

@@ -13,7 +13,7 @@ import queue
 import sqlite3
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from . import protocol
 from .config import DeviceConfig
@@ -40,14 +40,16 @@ class Uplink:
     """The link worker and the MQTT client it owns; explicit start/stop."""
 
     def __init__(self, cfg: DeviceConfig, store: Store, health: StoreHealth, counters: Counters, *,
-                 num_labels: int, waiters: dict[str, threading.Event],
+                 labels: Sequence[str], waiters: dict[str, threading.Event],
                  status_fields: Callable[[], dict[str, Any]]) -> None:
         self.cfg = cfg
         self.topics = protocol.Topics(cfg.mqtt.topic_prefix, cfg.device_id)
         self.store = store
         self.health = health
         self.counters = counters
-        self._num_labels = num_labels
+        #: the device's own card's labels: a correction's label is checked against them, and the name
+        #: published is the card's, never the one in the reply
+        self._labels = tuple(labels)
         self._waiters = waiters
         self._status_fields = status_fields
         self.link: MqttLink | None = None
@@ -61,7 +63,8 @@ class Uplink:
         # sequence has been handed to paho (or needed no publishing). The store hands out
         # sequences in commit order, so a cursor is all it takes, at any backlog size.
         self._pub_cursor = 0
-        # state changes made by one turn of the link worker, committed together
+        # State changes made by one turn of the link worker, committed together (cleared in place: the
+        # turn's code holds these lists while a reply may commit them early, see _on_reply).
         self._pending_inflight: list[str] = []
         self._pending_delivered: list[str] = []
         self._pending_acked: list[tuple[str, int]] = []
@@ -220,7 +223,9 @@ class Uplink:
         self.counters.inc("sent", len(i))
         self.counters.inc("delivered", len(d))
         self.counters.inc("results_published", len(a))
-        self._pending_delivered, self._pending_acked, self._pending_inflight = [], [], []
+        i.clear()
+        d.clear()
+        a.clear()
 
     def _sample_refused(self, sample_id: str, reason: str) -> None:
         self.counters.inc("samples_refused")
@@ -281,17 +286,26 @@ class Uplink:
             sent.append(it.sample_id)
 
     def _on_reply(self, ev: Received) -> None:
+        """A message on the corrections topic: untrusted until parsed and matched to a sample that was
+        sent and still awaits a reply. Only workers may publish here (the broker's ACL: the trust
+        boundary, docs/security.md); nothing in the message itself, user properties included, proves
+        who sent it. The store applies a reply once, and only to a sample that was sent."""
         if ev.topic != self.topics.corrections:
             self.counters.inc("replies_rejected")
-            log.warning("ignored a message on unexpected topic %s", ev.topic)
+            self.counters.inc("replies_rejected_bad_topic")
+            log.warning("ignored a message on unexpected topic %r", ev.topic[:200])
             return
         try:
-            reply = protocol.parse_reply(ev.payload, ev.correlation_data, self._num_labels)
+            reply = protocol.parse_reply(ev.payload, ev.correlation_data, self._labels)
         except protocol.ProtocolError as exc:
             self.counters.inc("replies_rejected")
             self.counters.inc(f"replies_rejected_{exc.code}")
             log.warning("rejected a reply on %s: %s", ev.topic, exc)
             return
+        if reply.sample_id in self._pending_inflight:
+            # Handed to paho this turn (or in a turn whose commit failed), not yet recorded as
+            # inflight: record it first, so the store sees a sample that was sent.
+            self._commit_progress()
         if isinstance(reply, protocol.ErrorReply):
             outcome = self.store.apply_error(reply)
             if outcome.reason == "applied":

@@ -58,8 +58,9 @@ def test_retained_status_counters_grow_as_samples_are_processed(broker, fast_wor
     assert online_counters(rec, w.status_topic)[-1]["received"] == 0
 
     good = encode_png(fmnist["test"].images[0])
-    rec.publish(t.samples, good, paho_properties("image/png", t.corrections, b"s-good"))
-    rec.publish(t.samples, b"\x89PNG\r\n\x1a\n" + b"\x00" * 50, paho_properties("image/png", t.corrections, b"s-bad"))
+    v1 = [("v", "1")]
+    rec.publish(t.samples, good, paho_properties("image/png", t.corrections, b"s-good", v1))
+    rec.publish(t.samples, b"\x89PNG\r\n\x1a\n" + b"\x00" * 50, paho_properties("image/png", t.corrections, b"s-bad", v1))
     wait_for(lambda: {json.loads(m.payload)["sample_id"] for m in rec.on(t.corrections)} == {"s-good", "s-bad"},
              what="both replies")
 

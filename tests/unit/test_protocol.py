@@ -7,6 +7,8 @@ from edge_infer import protocol
 from edge_infer.protocol import Correction, ErrorReply, ProtocolError, SampleMeta, Topics
 
 T = Topics("edge-infer", "dev-1")
+#: the device's own card's labels (Fashion-MNIST)
+LABELS = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 
 
 def sample(**over):
@@ -43,6 +45,11 @@ def test_valid_sample_parses():
     ({"payload": b""}, "empty"),
     ({"user_properties": [("device_id", "dev-9")]}, "device_mismatch"),
     ({"user_properties": [("v", "2")]}, "bad_version"),
+    ({"user_properties": [("sample_id", "abc123"), ("device_id", "dev-1")]}, "bad_version"),   # no version
+    ({"user_properties": []}, "bad_version"),
+    ({"topic": "edge-infer/dev 1/samples", "response_topic": "edge-infer/dev 1/corrections"}, "bad_device_id"),
+    ({"topic": "edge-infer/_workers/samples", "response_topic": "edge-infer/_workers/corrections"}, "bad_device_id"),
+    ({"topic": "edge-infer/" + "d" * 65 + "/samples"}, "bad_device_id"),
 ])
 def test_bad_samples_are_rejected_with_a_code(over, code):
     with pytest.raises(ProtocolError) as exc:
@@ -59,30 +66,73 @@ def test_every_error_code_is_documented():
 
 def test_correction_round_trip():
     c = Correction("abc123", 4, "coat", 0.93, "cloud:1", "w1")
-    back = protocol.parse_reply(protocol.encode_correction(c), b"abc123", num_labels=10)
+    back = protocol.parse_reply(protocol.encode_correction(c), b"abc123", LABELS)
     assert back == Correction("abc123", 4, "coat", 0.93, "cloud:1", "w1")
+
+
+def test_the_label_name_comes_from_the_devices_card_never_from_the_reply():
+    """A reply claiming label 4 is "trouser" yields the card's name for 4; the claim is ignored."""
+    forged = json.dumps({"v": 1, "type": "correction", "sample_id": "abc123", "label": 4, "label_name": "trouser",
+                         "confidence": 0.9, "model": "m", "worker": "w"}).encode()
+    assert protocol.parse_reply(forged, b"abc123", LABELS).label_name == "coat"
+    nameless = json.dumps({"v": 1, "type": "correction", "sample_id": "abc123", "label": 9,
+                           "confidence": 0.9}).encode()
+    assert protocol.parse_reply(nameless, b"abc123", LABELS).label_name == "ankle boot"
+    odd = json.dumps({"v": 1, "type": "correction", "sample_id": "abc123", "label": 1, "label_name": ["x"] * 9,
+                      "confidence": 0.9, "model": {"a": 1}, "worker": 7}).encode()
+    back = protocol.parse_reply(odd, b"abc123", LABELS)
+    assert (back.label_name, back.model_id, back.worker_id) == ("trouser", "", "")
 
 
 def test_error_reply_round_trip():
     e = ErrorReply("abc123", "bad_image", "not decodable", "w1")
-    assert protocol.parse_reply(protocol.encode_error(e), b"abc123", num_labels=10) == e
+    assert protocol.parse_reply(protocol.encode_error(e), b"abc123", LABELS) == e
 
 
 @pytest.mark.parametrize("payload, cd, code", [
-    (b"not json", None, "bad_json"),
-    (b"[1,2]", None, "bad_schema"),
-    (json.dumps({"v": 2, "type": "correction"}).encode(), None, "bad_version"),
-    (json.dumps({"v": 1, "type": "correction", "sample_id": "s1", "label": 10, "confidence": 0.5}).encode(), None, "bad_label"),
-    (json.dumps({"v": 1, "type": "correction", "sample_id": "s1", "label": True, "confidence": 0.5}).encode(), None, "bad_schema"),
-    (json.dumps({"v": 1, "type": "correction", "sample_id": "s1", "label": 1, "confidence": 1.5}).encode(), None, "bad_schema"),
+    (b"not json", b"s1", "bad_json"),
+    (b"[" * 3000 + b"]" * 1000, b"s1", "bad_json"),   # nested deeper than the parser recurses
+    (b"[1,2]", b"s1", "bad_schema"),
+    (json.dumps({"v": 2, "type": "correction"}).encode(), b"s1", "bad_version"),
+    (json.dumps({"v": True, "type": "correction"}).encode(), b"s1", "bad_version"),
+    (json.dumps({"v": 1, "type": "correction", "sample_id": "s1", "label": 10, "confidence": 0.5}).encode(), b"s1", "bad_label"),
+    (json.dumps({"v": 1, "type": "correction", "sample_id": "s1", "label": -1, "confidence": 0.5}).encode(), b"s1", "bad_label"),
+    (json.dumps({"v": 1, "type": "correction", "sample_id": "s1", "label": True, "confidence": 0.5}).encode(), b"s1", "bad_schema"),
+    (json.dumps({"v": 1, "type": "correction", "sample_id": "s1", "label": 1, "confidence": 1.5}).encode(), b"s1", "bad_schema"),
+    (b'{"v":1,"type":"correction","sample_id":"s1","label":1,"confidence":NaN}', b"s1", "bad_schema"),
+    (b'{"v":1,"type":"correction","sample_id":"s1","label":1,"confidence":' + b"9" * 400 + b"}", b"s1", "bad_schema"),
     (json.dumps({"v": 1, "type": "correction", "sample_id": "s1", "label": 1, "confidence": 0.5}).encode(), b"s2", "bad_correlation"),
-    (json.dumps({"v": 1, "type": "other", "sample_id": "s1"}).encode(), None, "bad_schema"),
-    (b"{" + b" " * 5000 + b"}", None, "too_large"),
+    (json.dumps({"v": 1, "type": "correction", "sample_id": "s1", "label": 1, "confidence": 0.5}).encode(), None, "no_correlation"),
+    (json.dumps({"v": 1, "type": "correction", "sample_id": "s1", "label": 1, "confidence": 0.5}).encode(), b"", "no_correlation"),
+    (json.dumps({"v": 1, "type": "error", "sample_id": "s1", "error": {"code": "x"}}).encode(), None, "no_correlation"),
+    (json.dumps({"v": 1, "type": "other", "sample_id": "s1"}).encode(), b"s1", "bad_schema"),
+    (b"{" + b" " * 5000 + b"}", b"s1", "too_large"),
 ])
 def test_bad_replies_are_rejected(payload, cd, code):
     with pytest.raises(ProtocolError) as exc:
-        protocol.parse_reply(payload, cd, num_labels=10)
+        protocol.parse_reply(payload, cd, LABELS)
     assert exc.value.code == code
+    assert code in protocol.REPLY_ERROR_CODES
+
+
+def test_every_reply_error_code_is_documented():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    assert [c for c in protocol.REPLY_ERROR_CODES if f"| `{c}` |" not in doc] == []
+
+
+def test_status_round_trip_and_envelope_check():
+    device = protocol.decode_status(protocol.encode_status({"device": "dev-1", "state": "online",
+                                                             "counters": {"classified": 3}}))
+    assert device["state"] == "online" and device["counters"] == {"classified": 3}
+    assert protocol.decode_status(protocol.offline_status("dev-1")) == {"v": 1, "device": "dev-1", "state": "offline"}
+    assert protocol.decode_status(protocol.encode_status({"worker": "w1", "state": "offline"}))["worker"] == "w1"
+    for bad in (b"nope", b"[]", b'{"v":1,"device":"d"}', b'{"v":2,"device":"d","state":"online"}',
+                b'{"v":1,"state":"online"}', b'{"v":1,"device":"d","state":"asleep"}',
+                b'{"v":1,"device":"d","state":"online","counters":{"a":"1"}}',
+                b'{"v":1,"device":"d","state":"online","counters":[1]}', b"[" * 5000):
+        with pytest.raises(ProtocolError) as exc:
+            protocol.decode_status(bad)
+        assert exc.value.code in protocol.MESSAGE_ERROR_CODES
 
 
 def test_results_message_round_trip_and_envelope_check():

@@ -73,6 +73,7 @@ def test_results_publication_sequence(store):
     assert [r.sample_id for _, r in pending] == ["a", "b"]
     store.commit_progress(acked_results=[(r.sample_id, seq) for seq, r in pending])
     assert store.unpublished_count() == 0
+    store.commit_progress(inflight=["b"])
     # a correction makes the result due for publication again, with a newer sequence
     out = store.apply_correction(Correction("b", 2, "c", 0.9, "cloud:1", "w"))
     (due,) = store.unpublished_results(0, 10)
@@ -245,12 +246,15 @@ def test_every_transition_the_store_makes_is_in_the_table_and_every_one_is_made(
     old = time.time() - 1000
 
     def at(sid, state, created=None, size=3):
+        """A new sample in ``state``; "resent": queued again after a send (no reply by resend_at)."""
         s.record(*make(sid, created=created, payload=b"x" * size))
-        if state in ("inflight", "delivered"):
+        if state in ("inflight", "delivered", "resent"):
             s.commit_progress(inflight=[sid])
-        if state == "delivered":
+        if state in ("delivered", "resent"):
             s.commit_progress(delivered=[sid])
-        assert s.outbox_state(sid)[0] == state
+        if state == "resent":
+            assert s.resend_stale(now=time.time() + 10) == 1
+        assert s.outbox_state(sid)[0] == ("queued" if state == "resent" else state)
 
     # expiry reads each state's oldest rows: these go first
     for state in ("queued", "inflight", "delivered"):
@@ -258,11 +262,16 @@ def test_every_transition_the_store_makes_is_in_the_table_and_every_one_is_made(
     s.expire(max_age_s=500)
     assert [s.outbox_state(f"old-{x}")[0] for x in ("queued", "inflight", "delivered")] == [
         "expired", "inflight", "expired"]
-    for state in ("queued", "inflight", "delivered"):
+    for state in ("resent", "inflight", "delivered"):
         at(f"corr-{state}", state)
         assert s.apply_correction(Correction(f"corr-{state}", 2, "c", 0.9, "m", "w")).reason == "applied"
         at(f"err-{state}", state)
         assert s.apply_error(ErrorReply(f"err-{state}", "bad_image", "no", "w")).reason == "applied"
+    # a reply for a sample never sent is refused: no worker has seen it
+    at("unsent", "queued")
+    assert s.apply_correction(Correction("unsent", 2, "c", 0.9, "m", "w")).reason == "unknown"
+    assert s.apply_error(ErrorReply("unsent", "bad_image", "no", "w")).reason == "unknown"
+    assert s.outbox_state("unsent")[0] == "queued"
     for state in ("queued", "inflight"):
         at(f"refused-{state}", state)
         assert s.mark_failed(f"refused-{state}", "refused by broker: x") is not None
@@ -281,7 +290,7 @@ def test_every_transition_the_store_makes_is_in_the_table_and_every_one_is_made(
         "inflight", "evicted", "evicted"]
     s.max_bytes = None
     # replies to done samples change nothing
-    for sid in ("corr-queued", "err-queued", "old-queued", "big-queued"):
+    for sid in ("corr-resent", "err-resent", "old-queued", "big-queued"):
         s.apply_correction(Correction(sid, 2, "c", 0.9, "m", "w"))
         s.apply_error(ErrorReply(sid, "bad_image", "no", "w"))
         s.mark_failed(sid, "x")

@@ -5,6 +5,7 @@ import re
 import sqlite3
 import time
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,11 +39,13 @@ def _exercise(store: Store) -> None:
     store.prune_results(keep=10)
     store.get_result("s010")
     store.outbox_state("s010")
+    store.record(*make("s999", payload=b"y" * 30))   # over a tight budget: kept images (if any) go, then evictions
 
 
-def test_every_per_input_and_periodic_query_uses_an_index(tmp_path):
+@pytest.mark.parametrize("keep_payloads", [False, True], ids=["default", "keep_payload_after_correction"])
+def test_every_per_input_and_periodic_query_uses_an_index(tmp_path, keep_payloads):
     """No statement the running service issues scans a table (EXPLAIN QUERY PLAN), so none grows with it."""
-    store = Store(tmp_path / "db", max_bytes=10_000)
+    store = Store(tmp_path / "db", max_bytes=10_000 if not keep_payloads else 60, keep_payloads=keep_payloads)
     store.open()
     statements: list[str] = []
     store._conn().set_trace_callback(statements.append)
@@ -66,6 +69,7 @@ def test_every_per_input_and_periodic_query_uses_an_index(tmp_path):
     store.close()
     assert checked > 15
     assert not scans, scans
+    assert keep_payloads == any("outbox_kept" in sql for sql in statements)   # the kept-image path ran
 
 
 def _scanned(db: sqlite3.Connection) -> dict[str, int]:
