@@ -21,7 +21,7 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def topic_safe_id(value: str) -> str | None:
-    if _ID_RE.match(value):
+    if _ID_RE.fullmatch(value):
         return None
     return ("must be 1-64 characters of letters, digits, '_', '.', '-' (it becomes an MQTT topic level "
             "and may not contain '/', '+', '#' or spaces)")

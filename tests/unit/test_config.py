@@ -174,3 +174,10 @@ def test_tomlcfg_lists_hooks_and_path_mappings(tmp_path: Path):
     assert resolve_paths(top, tmp_path).named.tables["x"].where == tmp_path / "rel"
     with pytest.raises(ConfigError, match=r"named.x.names\[0\]: expected a string"):
         build(Top, {"named": {"x": {"names": [1]}}})
+
+
+def test_an_id_with_a_trailing_newline_is_refused():
+    """``$`` in a regex also matches before a final newline: ids are matched whole."""
+    from edge_infer.config import topic_safe_id
+    assert topic_safe_id("cam-1") is None
+    assert topic_safe_id("cam-1\n") is not None
