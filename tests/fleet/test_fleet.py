@@ -226,7 +226,7 @@ def test_fleet_deploy_rerun_update_rollback_and_broken_model_rollout(fleet, fmni
         assert a["offloaded"] == b["offloaded"] + 2 and a["corrected"] == a["offloaded"], (d.name, b, a)
         assert a["outbox"].get("expired", 0) == b["outbox"].get("expired", 0) == 0
         assert a["outbox"].get("evicted", 0) == 0
-    print(f"\nstores before the update / after the rollback: "
+    print("\nstores before the update / after the rollback: "
           + "; ".join(f"{n}: {before[n]['results']}->{f.status(d)['results']} results, "
                       f"{f.status(d)['corrected']} corrected" for n, d in zip(names, f.devices)))
 
