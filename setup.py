@@ -35,6 +35,8 @@ setup(
         "onnx": ["onnxruntime>=1.16"],
         # `edge-infer pki`: the fleet CA and certificates (an admin tool, never on a device)
         "pki": ["cryptography>=42"],
+        # the fleet: Ansible roles in deploy/ansible (community.docker's nsenter connection for the fleet test)
+        "fleet": ["ansible>=10,<13", "ansible-lint>=24"],
         "systemd": ["systemd-python>=234"],
         # progress bars in the tools (demo, calibrate, model evaluation); never a device dependency
         "tools": TOOLS,

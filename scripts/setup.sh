@@ -35,5 +35,5 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 extras="device,cloud,tools"
-[ "${1:-}" = dev ] && extras="device,cloud,tools,calibrate,dev"
+[ "${1:-}" = dev ] && extras="device,cloud,tools,calibrate,dev,fleet"   # fleet: Ansible for tests/fleet
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]"
