@@ -142,10 +142,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     import sqlite3
 
     from . import dbfile
-    from .errors import StoreError
     from .store import Store
     cfg = _load(args.config)
-    db = Path(cfg.state_dir) / "edge-infer.db"
+    db = cfg.store_path
     if not db.exists():
         print(f"no state database at {db}: the service has not run with this config yet", file=sys.stderr)
         return 1
@@ -156,13 +155,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         report = {"device": cfg.device_id, "database": str(db), "outbox": store.outbox_counts(),
                   "results": audit["results"], "offloaded": audit["offloaded"],
                   "corrected": audit["corrected_results"], "results_unpublished": store.unpublished_count()}
-    except StoreError as exc:
-        print(f"edge-infer status: {exc}", file=sys.stderr)
-        return exc.exit_code
     except sqlite3.Error as exc:
-        err = dbfile.classify(exc, db)
-        print(f"edge-infer status: {err}", file=sys.stderr)
-        return err.exit_code
+        raise dbfile.classify(exc, db) from None   # one line and its exit code, from main()
     finally:
         store.close()
     print(json.dumps(report, indent=2))
@@ -173,7 +167,7 @@ def cmd_reset_store(args: argparse.Namespace) -> int:
     """Move the state database aside (kept, renamed) so that the next start begins with an empty store."""
     from . import dbfile
     cfg = _load(args.config)
-    db = Path(cfg.state_dir) / "edge-infer.db"
+    db = cfg.store_path
     if not db.exists():
         print(f"no state database at {db}: nothing to reset", file=sys.stderr)
         return 1

@@ -224,6 +224,11 @@ class DeviceConfig:
         return self.mqtt.client_id or f"edge-infer-{self.device_id}"
 
     @property
+    def store_path(self) -> Path:
+        """The state database (results and outbox) in ``state_dir``."""
+        return Path(self.state_dir) / "edge-infer.db"
+
+    @property
     def backend_options(self) -> Any:
         """The configured backend's ``Options`` (for tflite-cpu, the deprecated [model] keys apply)."""
         options = self.backend.get(self.model.backend)

@@ -199,11 +199,12 @@ def move_aside(path: Path, why: str) -> Path:
 def replace_with(path: Path, fresh: Path, why: str) -> Path:
     aside = move_aside(path, why)
     os.replace(fresh, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return aside
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (the entry itself is synced, not only the file)."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -20,7 +20,6 @@ import random
 import sqlite3
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,7 +61,7 @@ class EdgeService:
         self.cfg = cfg
         self.topics = protocol.Topics(cfg.mqtt.topic_prefix, cfg.device_id)
         self.counters = Counters()
-        self.store = Store(Path(cfg.state_dir) / "edge-infer.db", max_bytes=cfg.outbox.max_bytes,
+        self.store = Store(cfg.store_path, max_bytes=cfg.outbox.max_bytes,
                            resend_after_s=cfg.outbox.resend_after_s,
                            keep_payloads=cfg.outbox.keep_payload_after_correction)
         self.health = StoreHealth(self.store.path, self.counters)

@@ -35,6 +35,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
+from ..dbfile import fsync_dir
 from ..errors import EdgeInferError
 
 try:
@@ -91,14 +92,6 @@ def _time(s: str) -> datetime:
     return datetime.fromisoformat(s)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write(path: Path, data: bytes, mode: int) -> None:
     """Atomically: a temporary file created with ``mode`` (and chmod-ed, so the umask does not matter), renamed."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -112,7 +105,7 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _mkdir(path: Path) -> None:
