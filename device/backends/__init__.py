@@ -84,6 +84,9 @@ class BackendEntry:
     probe: str = "probe"
     #: one line for `edge-infer backends` and the docs
     summary: str = ""
+    #: drives hardware that can fail or vanish under the process (USB/PCIe Edge TPU, a GPU):
+    #: such backends run isolated in a child process unless `[model] isolate = false`
+    accelerator: bool = False
 
 
 #: name -> entry. The Edge TPU and TensorRT backends join here, one line each.
