@@ -95,6 +95,9 @@ REGISTRY: dict[str, BackendEntry] = {
                                summary="TFLite on the CPU (ai-edge-litert or tflite-runtime)"),
     "onnxruntime": BackendEntry("edge_infer.backends.onnxrt", ("onnx",),
                                 summary="ONNX models with onnxruntime (CPU, or CUDA/TensorRT providers)"),
+    "edgetpu": BackendEntry("edge_infer.backends.edgetpu", ("tflite",),
+                            summary="Coral Edge TPU (USB, PCIe/M.2, Dev Board): libedgetpu as a TFLite delegate, "
+                                    "for models compiled by edgetpu_compiler", accelerator=True),
 }
 
 

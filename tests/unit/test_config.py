@@ -105,9 +105,12 @@ def test_backend_tables_are_each_backends_own_options():
 
 @pytest.mark.parametrize("table, needle", [
     ({**BASE, "model": {"card": "c", "backend": "tflite-gpu"}},
-     "model.backend = 'tflite-gpu': unknown backend (did you mean 'tflite-cpu'?); known backends: onnxruntime, "
-     "tflite-cpu"),
-    ({**BASE, "backend": {"edgetpu": {"device": "usb"}}}, "[backend.edgetpu]: unknown backend 'edgetpu'"),
+     "model.backend = 'tflite-gpu': unknown backend (did you mean 'tflite-cpu'?); known backends: edgetpu, "
+     "onnxruntime, tflite-cpu"),
+    ({**BASE, "backend": {"tensorrt": {"engine": "x"}}}, "[backend.tensorrt]: unknown backend 'tensorrt'"),
+    ({**BASE, "backend": {"edgetpu": {"device": "usb0"}}}, "backend.edgetpu.device = 'usb0': must be"),
+    ({**BASE, "backend": {"edgetpu": {"device": "/dev/apex_0"}}}, 'name the device, not its node: "pci:0"'),
+    ({**BASE, "backend": {"edgetpu": {"performance": "max"}}}, "needs an indexed device"),
     ({**BASE, "backend": {"tflite-cpu": {"threads": 2}}}, "unknown key 'backend.tflite-cpu.threads'"),
     ({**BASE, "backend": {"tflite-cpu": {"runtime": "tensorflow"}}}, "backend.tflite-cpu.runtime = 'tensorflow'"),
     ({**BASE, "backend": {"onnxruntime": {"providers": []}}}, "must name at least one execution provider"),
