@@ -38,7 +38,7 @@ from ..tomlcfg import ConfigError, in_range, one_of, option
 from . import BackendError, TensorSpec, invoke_each
 from .edgetpu_sysfs import EdgeTpuDevice, find_edgetpus
 from .tflite_cpu import RUNTIMES, TFLiteCPUBackend, load_interpreter_module
-from .tflitemodel import ModelOps, inspect_model
+from .tflitemodel import EDGETPU_CUSTOM_OP, ModelOps, inspect_model
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,17 @@ def check_compiled(card: ModelCard, ops: ModelOps, options: Options) -> None:
         log.info("%s: %s", card.file, ops.summary())
 
 
+def load_failure_hint(text: str, library: str) -> str:
+    """What to do when the interpreter refused the model with the delegate (the runtime's message in ``text``)."""
+    if "unresolved custom op" in text and EDGETPU_CUSTOM_OP in text:
+        return (f"The delegate did not take the Edge TPU operators: backend.edgetpu.library ({library}) must be "
+                "Coral's libedgetpu.")
+    if "runtime version" in text or "EdgeTpuDelegateForCustomOp" in text:
+        return ("The model was compiled for a newer Edge TPU runtime than this libedgetpu: upgrade libedgetpu1-std "
+                "(or -max), or recompile with edgetpu_compiler --min_runtime_version set to this runtime's version.")
+    return "Is it a TFLite model for this runtime's version?"
+
+
 def probe(options: Options) -> str:
     """"ai-edge-litert 2.3.0 + libedgetpu.so.1; seen: ...": the runtime and library load here (no device opened)."""
     _, runtime = load_interpreter_module(options.runtime)
@@ -219,11 +230,8 @@ class EdgeTpuBackend:
             self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             text = " ".join(str(exc).split())
-            hint = (" The model was compiled for a newer Edge TPU runtime than this libedgetpu: upgrade "
-                    "libedgetpu1-std/-max, or recompile with edgetpu_compiler --min_runtime_version set to this "
-                    "runtime's version" if "EdgeTpuDelegateForCustomOp" in text or "edgetpu" in text.lower()
-                    else " Is it a TFLite model for this runtime's version?")
-            raise BackendError(f"{runtime} with {options.library} cannot load {card.file}: {text}.{hint}") from None
+            raise BackendError(f"{runtime} with {options.library} cannot load {card.file}: {text} "
+                               f"{load_failure_hint(text, options.library)}") from None
         # The delegate must outlive the interpreter that uses it: keep it, and drop it last in close().
         self._delegate = delegate
         (inp,) = self._interp.get_input_details()

@@ -85,6 +85,10 @@ class TFLiteCPUBackend:
             self._interp = module.Interpreter(model_content=model_bytes, num_threads=options.num_threads)
             self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
+            if "edgetpu-custom-op" in str(exc):   # a *_edgetpu.tflite: only the Edge TPU delegate runs that op
+                raise BackendError(f"{card.file} was compiled for the Edge TPU (edgetpu_compiler), which the CPU "
+                                   "cannot run: use backend = \"edgetpu\", or the uncompiled CPU model's card "
+                                   "(docs/backends.md)") from None
             raise BackendError(f"{self.runtime} cannot load {card.file}: {exc}. Is it a TFLite model "
                                "for this runtime's version?") from exc
         (inp,) = self._interp.get_input_details()
