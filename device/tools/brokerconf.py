@@ -9,7 +9,7 @@ refuses an option the file does not have, so what is tested and deployed is
 the shipped file with its paths changed, never a copy of its rules.
 
     python -m edge_infer.tools.brokerconf acl deploy/mosquitto/edge-infer.acl \\
-        --prefix edge-infer --pki /srv/edge-infer-pki --reader dashboard -o /etc/mosquitto/edge-infer.acl
+        --prefix edge-infer --pki /srv/edge-infer-pki -o /etc/mosquitto/edge-infer.acl
     python -m edge_infer.tools.brokerconf conf deploy/mosquitto/edge-infer-tls.conf \\
         --set listener=8883 --set cafile=/etc/mosquitto/edge-infer/ca.pem -o /etc/mosquitto/conf.d/edge-infer-tls.conf
 """
@@ -131,6 +131,11 @@ def pki_workers(pki_dir: Path) -> list[str]:
     return sorted(p.parent.name for p in root.glob("*/cert.pem"))
 
 
+def pki_readers(pki_dir: Path) -> list[str]:
+    """The reader names a PKI directory issued certificates to: readers/<name>/cert.pem (none: no folder)."""
+    return sorted(p.parent.name for p in (Path(pki_dir) / "readers").glob("*/cert.pem"))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edge_infer.tools.brokerconf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("template", type=Path)
     a.add_argument("--prefix", default=DEFAULT_PREFIX, help="mqtt.topic_prefix of the fleet (default edge-infer)")
     a.add_argument("--worker", action="append", default=[], help="a worker id (its CN is worker:<id>); repeat")
-    a.add_argument("--pki", type=Path, help="add every worker of this edge-infer pki directory")
+    a.add_argument("--pki", type=Path, help="add every worker and reader of this edge-infer pki directory")
     a.add_argument("--reader", action="append", default=[], help="an integrator (CN reader:<name>); repeat")
     a.add_argument("-o", "--output", type=Path, help="write here (default: standard output)")
     c = sub.add_parser("conf", help="render deploy/mosquitto/edge-infer-tls.conf with other paths or port")
@@ -150,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.what == "acl":
             workers = list(args.worker) + (pki_workers(args.pki) if args.pki else [])
-            text = render_acl(args.template.read_text(), prefix=args.prefix, workers=workers, readers=args.reader,
+            readers = list(args.reader) + (pki_readers(args.pki) if args.pki else [])
+            text = render_acl(args.template.read_text(), prefix=args.prefix, workers=workers, readers=readers,
                               source=args.template.name)
         else:
             bad = [s for s in args.set if "=" not in s]

@@ -14,6 +14,13 @@ the umask)::
     broker/{cert.pem,key.pem,ca.pem}
     devices/<id>/{cert.pem,key.pem,ca.pem}
     workers/<id>/{cert.pem,key.pem,ca.pem}
+    readers/<name>/{cert.pem,key.pem,ca.pem}
+
+A reader (CN ``reader:<name>``) is a read-only client: an integrator's
+dashboard, or the fleet's health gate, which reads every device's retained
+status from the Ansible controller (a device's own certificate cannot: the
+broker uses the CN as the client id, so a second connection with it would
+kick the service off).
 
 Keys are ECDSA P-256 (Mosquitto with OpenSSL, Python's ssl/paho, and the
 secure elements found on edge boards all take it), signatures SHA-256. The CA
@@ -48,18 +55,21 @@ except ImportError as _exc:     # a tool dependency, not a device one
 else:
     _IMPORT_ERROR = None
 
-Kind = Literal["device", "worker", "broker"]
-KINDS: tuple[str, ...] = ("device", "worker", "broker")
+Kind = Literal["device", "worker", "reader", "broker"]
+KINDS: tuple[str, ...] = ("device", "worker", "reader", "broker")
 
 CA_DAYS = 3650          # 10 years: a new CA means a new ca.pem on every device and the broker
 LEAF_DAYS = 730         # 2 years: rotation is a deployment; a lost device is revoked, not waited out
 CRL_DAYS = 30           # the broker refuses every client once the CRL is past its next update
 BACKDATE = timedelta(minutes=5)   # a client whose clock is a little behind still accepts a fresh certificate
 WORKER_PREFIX = "worker:"
+READER_PREFIX = "reader:"
+#: kind -> the prefix of its CN (a device's CN is its bare id)
+CN_PREFIX = {"worker": WORKER_PREFIX, "reader": READER_PREFIX}
 BROKER_NAME = "broker"
 REASONS = ("unspecified", "key-compromise", "superseded", "cessation-of-operation", "affiliation-changed")
 
-_DIRS = {"device": "devices", "worker": "workers"}
+_DIRS = {"device": "devices", "worker": "workers", "reader": "readers"}
 _HOST_RE = re.compile(r"^(?=.{1,253}$)(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}"
                       r"[A-Za-z0-9])?)*$")
 
@@ -130,16 +140,18 @@ def _client_id_problem(value: str) -> str | None:
 
 
 def check_name(name: str, kind: str) -> str:
-    """The index name for ``kind``: a device id, a worker id (``worker:`` accepted and dropped) or ``broker``."""
+    """The index name for ``kind``: a device id, a worker id or reader name (``worker:``/``reader:`` accepted and
+    dropped) or ``broker``."""
     if kind not in KINDS:
         raise PkiError(f"unknown certificate kind {kind!r}: one of {', '.join(KINDS)}")
     if kind == "broker":
         return BROKER_NAME
-    if kind == "worker" and name.startswith(WORKER_PREFIX):
-        name = name[len(WORKER_PREFIX):]
+    prefix = CN_PREFIX.get(kind)
+    if prefix and name.startswith(prefix):
+        name = name[len(prefix):]
     problem = _client_id_problem(name)
     if problem:
-        what = "device id" if kind == "device" else "worker id"
+        what = {"device": "device id", "worker": "worker id", "reader": "reader name"}[kind]
         raise PkiError(f"{what} {name!r} {problem}")
     return name
 
@@ -277,6 +289,9 @@ class FleetPki:
     def add_worker(self, worker_id: str, days: int | None = None) -> Issued:
         return self.issue(WORKER_PREFIX + check_name(worker_id, "worker"), "worker", days=days)
 
+    def add_reader(self, name: str, days: int | None = None) -> Issued:
+        return self.issue(READER_PREFIX + check_name(name, "reader"), "reader", days=days)
+
     def issue(self, cn: str, kind: Kind, *, days: int | None = None, not_before: datetime | None = None) -> Issued:
         """A new key and certificate for a name with no valid certificate yet (``rotate`` replaces one).
 
@@ -359,7 +374,7 @@ class FleetPki:
             name = BROKER_NAME
         else:
             name = check_name(cn, kind)
-            cn = WORKER_PREFIX + name if kind == "worker" else name
+            cn = CN_PREFIX.get(kind, "") + name
         now = datetime.now(timezone.utc)
         if not replacing:
             valid = [c for c in index["certs"] if c["name"] == name and c["kind"] == kind and c["status"] == "active"
@@ -471,18 +486,20 @@ def add_pki_arguments(p: argparse.ArgumentParser) -> None:
     i.add_argument("--ca-days", type=int, default=CA_DAYS, help=f"CA lifetime (default {CA_DAYS})")
     i.add_argument("--days", type=int, default=None, help=f"broker certificate lifetime (default {LEAF_DAYS})")
 
-    for kind in ("device", "worker"):
-        a = sub.add_parser(f"add-{kind}", help=f"a key and certificate for a new {kind}")
+    for kind in ("device", "worker", "reader"):
+        a = sub.add_parser(f"add-{kind}", help=f"a key and certificate for a new {kind}"
+                                               + (" (read-only: results and status)" if kind == "reader" else ""))
         a.add_argument("name", metavar="ID")
         a.add_argument("--days", type=int, default=None, help=f"lifetime (default {LEAF_DAYS})")
 
     for cmd, what in (("revoke", "put the certificate on the CRL"), ("rotate", "a new key and certificate, the old "
                                                                                  "one revoked")):
         r = sub.add_parser(cmd, help=what)
-        r.add_argument("name", metavar="NAME", nargs="?", help="device id, worker id (with --worker), or nothing "
-                                                              "with --broker")
+        r.add_argument("name", metavar="NAME", nargs="?", help="device id, worker id (with --worker), reader name "
+                                                              "(with --reader), or nothing with --broker")
         g = r.add_mutually_exclusive_group()
         g.add_argument("--worker", action="store_const", dest="kind", const="worker", default="device")
+        g.add_argument("--reader", action="store_const", dest="kind", const="reader")
         g.add_argument("--broker", action="store_const", dest="kind", const="broker")
         if cmd == "revoke":
             r.add_argument("--reason", choices=REASONS, default="unspecified")
@@ -503,7 +520,8 @@ def _deploy_hint(pki: FleetPki, issued: Issued, kind: str) -> str:
     if kind == "broker":
         return (f"  broker: copy {folder}/{{cert.pem,key.pem}} to the broker (key 0600, owned by mosquitto), then "
                 "systemctl reload mosquitto (SIGHUP reloads its certificate)")
-    where = "/etc/edge-infer/tls/" if kind == "device" else "the worker's TLS directory"
+    where = {"device": "/etc/edge-infer/tls/", "worker": "the worker's TLS directory",
+             "reader": "the reading client (the Ansible controller for the health gate)"}[kind]
     return (f"  copy {folder}/{{cert.pem,key.pem,ca.pem}} to {where} (owned by the service user, key mode 0600); "
             f"then delete {issued.key} here if no one needs it again")
 
@@ -525,14 +543,16 @@ def run_pki(args: argparse.Namespace) -> int:
               f"broker certificate for {', '.join(hosts + ips)}, serial {broker['serial']}")
         print(f"  {pki.ca_key_path} is the fleet's master key: keep it on this machine, offline, backed up")
         print(f"  broker: copy {pki.root / BROKER_NAME}/{{cert.pem,key.pem,ca.pem}} and {pki.crl} to the broker")
-    elif cmd in ("add-device", "add-worker"):
+    elif cmd in ("add-device", "add-worker", "add-reader"):
         kind = cmd[4:]
-        issued = pki.add_device(args.name, args.days) if kind == "device" else pki.add_worker(args.name, args.days)
+        add = {"device": pki.add_device, "worker": pki.add_worker, "reader": pki.add_reader}[kind]
+        issued = add(args.name, args.days)
         print(f"{kind} {issued.cn}: serial {_hex(issued.serial)}, valid until {_iso(issued.not_after)}")
         print(_deploy_hint(pki, issued, kind))
     elif cmd in ("revoke", "rotate"):
         if args.name is None and args.kind != "broker":
-            raise PkiError(f"{cmd} needs a NAME (a device id, or a worker id with --worker), or --broker")
+            raise PkiError(f"{cmd} needs a NAME (a device id, a worker id with --worker, a reader name with "
+                           "--reader), or --broker")
         name = args.name or BROKER_NAME
         if cmd == "revoke":
             pki.revoke(name, args.kind, reason=args.reason)

@@ -26,7 +26,7 @@ import pytest
 from edge_infer import protocol
 from edge_infer.config import TlsConfig
 from edge_infer.service import EdgeService
-from edge_infer.tools.brokerconf import render_acl, render_conf
+from edge_infer.tools.brokerconf import pki_readers, pki_workers, render_acl, render_conf
 from edge_infer.tools.localbroker import LocalBroker, free_port
 from edge_infer_cloud.worker import CloudWorker
 
@@ -82,28 +82,6 @@ class Fleet:
         return t.cert_file, t.key_file
 
 
-def _reader_cert(pki, name: str) -> tuple[Path, Path]:
-    """The PKI tool issues device and worker certificates; an integrator's is signed here with its CA."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-    ca = x509.load_pem_x509_certificate((pki.root / "ca.pem").read_bytes())
-    ca_key = serialization.load_pem_private_key((pki.root / "ca.key").read_bytes(), None)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
-            .sign(ca_key, hashes.SHA256()))
-    out = pki.root / "readers" / name.split(":", 1)[1]
-    out.mkdir(parents=True)
-    (out / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (out / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                    serialization.NoEncryption()))
-    return out / "cert.pem", out / "key.pem"
-
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory) -> Fleet:
     from edge_infer.tools.pki import FleetPki
@@ -120,13 +98,14 @@ def fleet(tmp_path_factory) -> Fleet:
     other = FleetPki(root / "other-ca")            # another CA, same names: a certificate it signs is worth nothing
     other.init(broker_hosts=["localhost"], broker_ips=["127.0.0.1"])
     other.add_device(A)
-    reader = _reader_cert(pki, f"reader:{READER}")
+    issued = pki.add_reader(READER)
+    reader = (issued.cert, issued.key)
 
     workdir = root / "broker"
     workdir.mkdir()
     acl = workdir / "edge-infer.acl"
-    acl.write_text(render_acl((SHIPPED / "edge-infer.acl").read_text(), prefix=P, workers=[W1, W2],
-                              readers=[READER]))
+    acl.write_text(render_acl((SHIPPED / "edge-infer.acl").read_text(), prefix=P, workers=pki_workers(pki.root),
+                              readers=pki_readers(pki.root)))
     port = free_port()
     extra = [f"persistence_location {workdir}/", f"log_dest file {workdir / 'mosquitto.log'}",
              "log_type error", "log_type warning", "log_type notice", "log_type information"]

@@ -65,7 +65,10 @@ def test_the_command_line_reads_the_workers_of_a_pki_directory(tmp_path, capsys)
     for w in ("w1", "w2"):
         (tmp_path / "workers" / w).mkdir(parents=True)
         (tmp_path / "workers" / w / "cert.pem").write_text("x")
+    (tmp_path / "readers" / "gate").mkdir(parents=True)
+    (tmp_path / "readers" / "gate" / "cert.pem").write_text("x")
     assert main(["acl", str(SHIPPED / "edge-infer.acl"), "--pki", str(tmp_path), "--reader", "r"]) == 0
     r = rules(capsys.readouterr().out)
-    assert [x for x in r if x.startswith("user ")] == ["user worker:w1", "user worker:w2", "user reader:r"]
+    assert [x for x in r if x.startswith("user ")] == ["user worker:w1", "user worker:w2", "user reader:r",
+                                                       "user reader:gate"]
     assert main(["conf", str(SHIPPED / "edge-infer-tls.conf"), "--set", "nonsense=1"]) == 2

@@ -34,6 +34,7 @@ def fleet(tmp_path_factory) -> FleetPki:
     pki.init()
     pki.add_device("cam-1")
     pki.add_worker("w1")
+    pki.add_reader("reader:gate")
     return pki
 
 
@@ -92,6 +93,10 @@ def test_device_worker_and_broker_certificates_carry_the_identity_and_purpose(fl
     wrk = cert(fleet.root / "workers" / "w1" / "cert.pem")
     assert wrk.subject.rfc4514_string() == "CN=worker:w1"
     assert eku(wrk) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+
+    rdr = cert(fleet.root / "readers" / "gate" / "cert.pem")      # "reader:" given, stored once
+    assert rdr.subject.rfc4514_string() == "CN=reader:gate"
+    assert eku(rdr) == [ExtendedKeyUsageOID.CLIENT_AUTH]
 
     brk = cert(fleet.root / "broker" / "cert.pem")
     assert brk.subject.rfc4514_string() == "CN=localhost"
