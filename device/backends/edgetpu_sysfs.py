@@ -45,6 +45,8 @@ class EdgeTpuDevice:
     speed_mbps: int | None = None
     #: None: the node does not exist; else whether this process may open it read-write
     accessible: bool | None = None
+    #: PCIe: the process that holds the device now (the gasket driver allows one), "PID (name)"; else ""
+    owner: str = ""
 
     def describe(self) -> str:
         if self.kind == "usb":
@@ -52,7 +54,7 @@ class EdgeTpuDevice:
             slow = " (a USB 2 port: use a USB 3 port or a powered USB 3 hub)" if self.speed_mbps == 480 else ""
             where = f"USB {self.name} {self.usb_id}: {self.state}{speed}{slow}"
         else:
-            where = f"PCIe {self.name}"
+            where = f"PCIe {self.name} ({self.state})" + (f", held by {self.owner}" if self.owner else "")
         if self.accessible is None:
             return f"{where}, but {self.node} does not exist"
         return where + ("" if self.accessible else f", but this process may not open {self.node} read-write "
@@ -80,9 +82,21 @@ def _node_state(node: Path) -> bool | None:
     return os.access(node, os.R_OK | os.W_OK)
 
 
-def find_edgetpus(sysfs: Path | str = "/sys", dev: Path | str = "/dev") -> tuple[EdgeTpuDevice, ...]:
+def _owner(apex: Path, proc: Path) -> str:
+    """The gasket driver's ``device_owner`` (a PID) while ``is_device_owned`` is 1, with the process name."""
+    if _int(apex / "is_device_owned") != 1:
+        return ""
+    pid = _int(apex / "device_owner")
+    if pid is None:
+        return "another process"
+    name = _read(proc / str(pid) / "comm")
+    return f"PID {pid}" + (f" ({name})" if name else "")
+
+
+def find_edgetpus(sysfs: Path | str = "/sys", dev: Path | str = "/dev",
+                  proc: Path | str = "/proc") -> tuple[EdgeTpuDevice, ...]:
     """USB Accelerators (either id) and PCIe Edge TPUs present now, USB first, each in name order."""
-    sysfs, dev = Path(sysfs), Path(dev)
+    sysfs, dev, proc = Path(sysfs), Path(dev), Path(proc)
     found = []
     usb = sysfs / "bus" / "usb" / "devices"
     for d in sorted(usb.iterdir()) if usb.is_dir() else ():
@@ -96,8 +110,9 @@ def find_edgetpus(sysfs: Path | str = "/sys", dev: Path | str = "/dev") -> tuple
     apex = sysfs / "class" / "apex"
     for d in sorted(apex.iterdir()) if apex.is_dir() else ():
         node = dev / d.name
-        found.append(EdgeTpuDevice("pci", d.name, str(node), state="apex driver loaded",
-                                   accessible=_node_state(node)))
+        status = _read(d / "status")   # the gasket driver's ALIVE / DEAD / LAMED
+        found.append(EdgeTpuDevice("pci", d.name, str(node), state=f"driver status {status}" if status else
+                                   "apex driver loaded", accessible=_node_state(node), owner=_owner(d, proc)))
     return tuple(found)
 
 

@@ -292,13 +292,18 @@ def test_find_edgetpus_reads_both_usb_ids_and_apex_nodes(tmp_path):
     _usb(tmp_path, "2-1", "18d1", "9302", bus=2, dev=3)
     _usb(tmp_path, "1-1.4", "1a6e", "089a", speed="480", bus=1, dev=7)
     _usb(tmp_path, "1-1.2", "046d", "c52b")                       # a keyboard receiver: not an Edge TPU
-    (tmp_path / "sys" / "class" / "apex" / "apex_0").mkdir(parents=True)
+    apex0 = tmp_path / "sys" / "class" / "apex" / "apex_0"
+    apex0.mkdir(parents=True)
+    for name, value in (("status", "ALIVE"), ("is_device_owned", "1"), ("device_owner", "4242")):
+        (apex0 / name).write_text(value + "\n")
+    (tmp_path / "proc" / "4242").mkdir(parents=True)
+    (tmp_path / "proc" / "4242" / "comm").write_text("frigate\n")
     (tmp_path / "sys" / "class" / "apex" / "apex_1").mkdir(parents=True)
     node = tmp_path / "dev" / "bus" / "usb" / "002" / "003"
     node.parent.mkdir(parents=True)
     node.write_text("")
     (tmp_path / "dev" / "apex_0").write_text("")
-    found = find_edgetpus(tmp_path / "sys", tmp_path / "dev")
+    found = find_edgetpus(tmp_path / "sys", tmp_path / "dev", tmp_path / "proc")
     assert [(d.kind, d.name, d.usb_id) for d in found] == [("usb", "1-1.4", "1a6e:089a"), ("usb", "2-1", "18d1:9302"),
                                                            ("pci", "apex_0", ""), ("pci", "apex_1", "")]
     boot, ready, apex0, apex1 = found
@@ -306,7 +311,8 @@ def test_find_edgetpus_reads_both_usb_ids_and_apex_nodes(tmp_path):
     assert "no firmware yet" in boot.state
     assert ready.node == str(node) and ready.accessible is True and ready.state == "firmware loaded"
     assert apex0.node == str(tmp_path / "dev" / "apex_0") and apex0.accessible is True
-    assert apex1.accessible is None and "does not exist" in apex1.describe()
+    assert apex0.describe() == "PCIe apex_0 (driver status ALIVE), held by PID 4242 (frigate)"
+    assert apex1.accessible is None and apex1.owner == "" and "does not exist" in apex1.describe()
     assert find_edgetpus(tmp_path / "nothing", tmp_path / "dev") == ()
 
 
