@@ -199,6 +199,8 @@ TOOLS = {
              "add_demo_arguments", "run_demo"),
     "pki": ("the fleet's certificates: CA, broker, devices, workers; rotation and revocation", ".tools.pki",
             "add_pki_arguments", "run_pki"),
+    "inspect-model": ("which operators of a .tflite model run on the Edge TPU and which on the CPU",
+                      ".backends.tflitemodel", "add_arguments", "run"),
 }
 
 

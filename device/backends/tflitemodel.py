@@ -13,7 +13,7 @@ Four fields of the TFLite schema (operator codes, subgraphs, their operators,
 each operator's code index) are a few dozen lines of bounds-checked reads, and
 this way a controller can inspect a model without any TFLite runtime.
 
-``python -m edge_infer.backends.tflitemodel MODEL.tflite`` prints the report.
+``edge-infer inspect-model MODEL.tflite`` (or ``python -m edge_infer.backends.tflitemodel``) prints the report.
 """
 from __future__ import annotations
 
@@ -231,14 +231,13 @@ def inspect_file(path: str | Path) -> ModelOps:
     return inspect_model(data, str(path))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print what runs where for each model file; exit 0, 1 when one is not compiled, 2 when one is unreadable."""
-    p = argparse.ArgumentParser(prog="python -m edge_infer.backends.tflitemodel",
-                                description="Which operators of a .tflite model the Edge TPU runs, and which "
-                                            "stay on the CPU (read from the file; no device needed).")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("models", nargs="+", help=".tflite files (e.g. model_edgetpu.tflite)")
     p.add_argument("--json", action="store_true", help="one JSON object per file")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print what runs where for each model file; exit 0, 1 when one is not compiled, 2 when one is unreadable."""
     worst = 0
     for path in args.models:
         try:
@@ -251,6 +250,17 @@ def main(argv: list[str] | None = None) -> int:
         if not ops.compiled_for_edgetpu:
             worst = max(worst, 1)
     return worst
+
+
+DESCRIPTION = ("Which operators of a .tflite model the Edge TPU runs, and which stay on the CPU (read from the "
+               "file; no device or runtime needed). Exit 0: every file is compiled for the Edge TPU; 1: one is "
+               "not; 2: one is not a readable TFLite model.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m edge_infer.backends.tflitemodel", description=DESCRIPTION)
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

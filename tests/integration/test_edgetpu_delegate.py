@@ -230,3 +230,17 @@ def test_classify_with_the_delegate_answers_as_the_cpu(tmp_path, fake_lib, fmnis
     labels = [json.loads(line)["label"] for line in tpu.stdout.splitlines()]
     assert labels == [json.loads(line)["label"] for line in cpu.stdout.splitlines()] and len(labels) == 5
     assert "the Edge TPU does nothing for this model" in tpu.stderr   # the WARNING is not silenced
+
+
+def test_inspect_model_reports_what_runs_where(tmp_path):
+    from ..edgetpu_fakes import synthetic_model
+    compiled = tmp_path / "model_edgetpu.tflite"
+    compiled.write_bytes(synthetic_model(["edgetpu-custom-op", "SOFTMAX"]))
+    shipped = EDGE_CARD.parent / "model.tflite"
+    p = _cli("inspect-model", str(compiled))
+    assert p.returncode == 0 and p.stdout == (f"{compiled}: compiled for the Edge TPU: 1 Edge TPU segment(s) "
+                                              "(edgetpu-custom-op), 1 of 2 operator nodes (50%) on the CPU (SOFTMAX)\n")
+    p = _cli("inspect-model", "--json", str(shipped))
+    assert p.returncode == 1 and json.loads(p.stdout)["compiled_for_edgetpu"] is False
+    p = _cli("inspect-model", str(tmp_path / "missing.tflite"))
+    assert p.returncode == 2 and "cannot be read" in p.stderr and "Traceback" not in p.stderr
