@@ -36,7 +36,7 @@ import numpy as np
 from ..modelcard import ModelCard
 from ..tomlcfg import ConfigError, in_range, one_of, option
 from . import BackendError, TensorSpec, invoke_each
-from .edgetpu_sysfs import EdgeTpuDevice, find_edgetpus
+from .edgetpu_sysfs import ApexThermal, EdgeTpuDevice, find_edgetpus, read_apex_thermal
 from .tflite_cpu import RUNTIMES, TFLiteCPUBackend, load_interpreter_module
 from .tflitemodel import EDGETPU_CUSTOM_OP, ModelOps, inspect_model
 
@@ -209,6 +209,21 @@ def probe(options: Options) -> str:
     check_library(options.library)
     # Only sysfs is read: opening the device could take it from a running service (PCIe allows one holder).
     return f"{runtime} + {options.library}; Edge TPUs seen: {_seen(find_edgetpus())}"
+
+
+def edgetpu_health(options: Options, sysfs: str = "/sys") -> tuple[ApexThermal, ...]:
+    """Temperature and throttling of the PCIe Edge TPU(s) ``options`` can select, for the status.
+
+    Pure sysfs reads (no device opened), so the supervising process can call it while an isolated child holds
+    the device: ``pci:N`` -> apex_N; ``pci``, ``""`` or ``:N`` -> every apex device; ``usb``/``usb:N`` -> ()
+    (a USB Accelerator reports no temperature).
+    """
+    if options.device.startswith("usb"):
+        return ()
+    records = read_apex_thermal(sysfs)
+    if options.device.startswith("pci:"):
+        return tuple(r for r in records if r.name == f"apex_{options.device.removeprefix('pci:')}")
+    return records
 
 
 def _closed(*_: object) -> Any:

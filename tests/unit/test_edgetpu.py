@@ -356,3 +356,14 @@ def test_apex_attributes_missing_or_unreadable(tmp_path):
     assert (a.name, a.temp_c, a.trip_points_c, a.hw_warn_c) == ("apex_0", None, (), ())
     assert not a.throttling and b.temp_c is None and b.poll_interval_ms is None
     assert read_apex_thermal(tmp_path / "no-such-sysfs") == ()
+
+
+def test_edgetpu_health_follows_the_selector(tmp_path):
+    from edge_infer.backends.edgetpu import edgetpu_health
+    _apex(tmp_path, "apex_0", temp=50000)
+    _apex(tmp_path, "apex_1", temp=93000, trip_point0_temp=85000, temp_poll_interval=1000)
+    assert [t.name for t in edgetpu_health(Options(device="pci:1"), str(tmp_path))] == ["apex_1"]
+    assert [t.name for t in edgetpu_health(Options(), str(tmp_path))] == ["apex_0", "apex_1"]
+    assert edgetpu_health(Options(device="usb:0"), str(tmp_path)) == ()
+    (hot,) = edgetpu_health(Options(device="pci:1"), str(tmp_path))
+    assert hot.as_status()["throttling"] is True and hot.temp_c == 93.0
