@@ -1,9 +1,12 @@
 """A fleet of real systemd machines deployed, updated and rolled back by the real ansible-playbook.
 
-Three systemd-nspawn containers of the host root are the devices, reached with the
-community.docker.nsenter connection. The broker (a LocalBroker) and one cloud worker run on the
-host; the containers share its network. One test, in stages, because each stage starts from the
-fleet the one before left (a rollout is only meaningful on a deployed fleet).
+Four systemd-nspawn containers of the host root, reached with the community.docker.nsenter
+connection: three devices, and one host in the broker and workers groups on which site.yml
+deploys Mosquitto (mutual TLS, the shipped ACL rendered for the fleet) and two cloud worker
+instances, each with its own certificate. Every certificate comes from the fleet PKI
+(edge-infer pki); the health gate reads retained status from the controller (this host) with a
+reader certificate. The containers share the host's network. One test, in stages, because each
+stage starts from the fleet the one before left (a rollout is only meaningful on a deployed fleet).
 """
 from __future__ import annotations
 
@@ -20,10 +23,12 @@ from pathlib import Path
 import pytest
 
 from edge_infer.preprocess import encode_png
-from edge_infer.tools.localbroker import LocalBroker, stop_process
+from edge_infer.tools.brokerconf import render_conf
+from edge_infer.tools.localbroker import free_port
+from edge_infer.tools.pki import FleetPki
 
-from ..conftest import CLOUD_CARD, MODELS, REPO, wait_for
-from ..system.nspawn import Container
+from ..conftest import MODELS, REPO, wait_for
+from ..system.nspawn import OTHER_HOST_SERVICES, Container
 
 pytestmark = pytest.mark.fleet
 
@@ -32,6 +37,8 @@ BIN = Path(sys.executable).parent
 PLAYBOOK = str(BIN / "ansible-playbook") if (BIN / "ansible-playbook").exists() else shutil.which("ansible-playbook")
 OLD, NEW = "0.1.0", "0.1.1"
 CONFIG = "/etc/edge-infer/edge-infer.toml"
+WORKERS = 2          # cloud worker instances on the broker host
+GATE = "fleet-gate"  # the health gate's reader identity
 
 
 def build_wheels(out: Path) -> Path:
@@ -39,7 +46,7 @@ def build_wheels(out: Path) -> Path:
     version bumped), and every dependency, so devices install offline."""
     wheels = out / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
-                    "--wheel-dir", str(wheels), f"{REPO}[device]"], check=True, capture_output=True)
+                    "--wheel-dir", str(wheels), f"{REPO}[device,cloud]"], check=True, capture_output=True)
     src = out / "src-new"
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv*", ".git", "build", "dist", "*.egg-info",
                                                              "models", "tests", "__pycache__", ".pytest_cache"))
@@ -66,24 +73,50 @@ def model_variant(out: Path, name: str, version: str, broken: bool = False) -> P
     return d
 
 
+def make_pki(root: Path, devices: list[str], broker_host: str) -> FleetPki:
+    """The fleet's certificates, as an admin makes them with `edge-infer pki` (README in deploy/pki/)."""
+    pki = FleetPki(root)
+    pki.init(broker_hosts=["localhost"], broker_ips=["127.0.0.1"])
+    for name in devices:
+        pki.add_device(name)
+    for i in range(1, WORKERS + 1):
+        pki.add_worker(f"{broker_host}-{i}")
+    pki.add_reader(GATE)
+    return pki
+
+
 class Fleet:
-    def __init__(self, tmp: Path, broker: LocalBroker, wheels: Path, devices: list[Container]) -> None:
-        self.tmp, self.broker, self.wheels, self.devices = tmp, broker, wheels, devices
+    def __init__(self, tmp: Path, pki: FleetPki, port: int, wheels: Path, devices: list[Container],
+                 broker: Container) -> None:
+        self.tmp, self.pki, self.port, self.wheels = tmp, pki, port, wheels
+        self.devices, self.broker = devices, broker
+
+    @staticmethod
+    def _host(c: Container, host_vars: dict | None = None) -> str:
+        hv = " ".join(f"{k}={json.dumps(v)}" for k, v in (host_vars or {}).items())
+        return (f"{c.name} ansible_connection=community.docker.nsenter ansible_nsenter_pid={c.pid1} "
+                f"ansible_python_interpreter=/usr/bin/python3 {hv}").rstrip()
 
     def inventory(self, host_vars: dict[str, dict] | None = None, **all_vars) -> Path:
         lines = ["[cpu]"]
-        for d in self.devices:
-            hv = " ".join(f"{k}={json.dumps(v)}" for k, v in (host_vars or {}).get(d.name, {}).items())
-            lines.append(f"{d.name} ansible_connection=community.docker.nsenter ansible_nsenter_pid={d.pid1} "
-                         f"ansible_python_interpreter=/usr/bin/python3 {hv}")
-        lines += ["[devices:children]", "cpu", "[workers]", "[broker]"]
+        lines += [self._host(d, (host_vars or {}).get(d.name)) for d in self.devices]
+        lines += ["[devices:children]", "cpu", "[workers]", self._host(self.broker), "[broker]",
+                  self._host(self.broker)]
         inv = self.tmp / "inventory"
         inv.mkdir(exist_ok=True)
         (inv / "hosts.ini").write_text("\n".join(lines) + "\n")
-        gv = {"edge_device_version": OLD, "edge_device_mqtt_port": self.broker.port,
+        pki = str(self.pki.root)
+        gv = {"edge_device_version": OLD, "edge_device_mqtt_port": self.port,
               "edge_device_mqtt_reconnect_max_s": 1, "edge_device_wheel_dir": str(self.wheels),
               "edge_device_model_src": str(MODELS / "fmnist-edge-v1"), "edge_device_spool_poll_interval_s": 0.1,
-              "edge_device_health_timeout_s": 40, **all_vars}
+              "edge_device_health_timeout_s": 40, "edge_device_tls": True, "edge_device_tls_pki_dir": pki,
+              "edge_device_health_reader": GATE,
+              "broker_tls": True, "broker_tls_pki_dir": pki, "broker_tls_port": self.port,
+              "broker_install_package": False,
+              "cloud_worker_tls": True, "cloud_worker_tls_pki_dir": pki, "cloud_worker_mqtt_port": self.port,
+              "cloud_worker_instances": WORKERS, "cloud_worker_wheel_dir": str(self.wheels),
+              "cloud_worker_model_src": str(MODELS / "fmnist-cloud-v1"), "cloud_worker_group": "fleet",
+              **all_vars}
         (inv / "group_vars").mkdir(exist_ok=True)
         (inv / "group_vars" / "all.json").write_text(json.dumps(gv, indent=2))
         return inv / "hosts.ini"
@@ -104,12 +137,17 @@ class Fleet:
         return json.loads(d.run("/opt/edge-infer/current/bin/edge-infer", "status", "--config", CONFIG).stdout)
 
     def retained_model_version(self, d: Container) -> tuple[str, str]:
+        import ssl
+
         import paho.mqtt.client as mqtt
         got: list[dict] = []
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"fleet-probe-{d.name}", protocol=mqtt.MQTTv5)
+        reader = self.pki.root / "readers" / GATE
+        c.tls_set(ca_certs=str(self.pki.ca_cert_path), certfile=str(reader / "cert.pem"),
+                  keyfile=str(reader / "key.pem"), cert_reqs=ssl.CERT_REQUIRED)
         c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(f"edge-infer/{d.name}/status", 1)
         c.on_message = lambda cl, u, m: got.append(json.loads(m.payload))
-        c.connect("127.0.0.1", self.broker.port)
+        c.connect("127.0.0.1", self.port)
         c.loop_start()
         try:
             wait_for(lambda: got, timeout=10, what=f"retained status of {d.name}")
@@ -117,6 +155,32 @@ class Fleet:
             c.disconnect()
             c.loop_stop()
         return got[-1]["model"], got[-1]["version"]
+
+    def connects(self, *, tls: bool, identity: Path | None = None) -> bool:
+        """Whether the broker accepts an MQTT connection (a CONNACK with success) made so."""
+        import ssl
+
+        import paho.mqtt.client as mqtt
+        ok = []
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"fleet-try-{time.monotonic_ns()}",
+                        protocol=mqtt.MQTTv5)
+        if tls:
+            c.tls_set(ca_certs=str(self.pki.ca_cert_path), certfile=str(identity / "cert.pem") if identity else None,
+                      keyfile=str(identity / "key.pem") if identity else None, cert_reqs=ssl.CERT_REQUIRED)
+        c.on_connect = lambda cl, u, flags, rc, p: ok.append(not rc.is_failure)
+        try:
+            c.connect("127.0.0.1", self.port)
+        except (OSError, ssl.SSLError):
+            return False
+        c.loop_start()
+        try:
+            deadline = time.monotonic() + 5
+            while not ok and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            c.disconnect()
+            c.loop_stop()
+        return bool(ok and ok[0])
 
     def release(self, d: Container) -> str:
         return d.run("readlink", "/opt/edge-infer/current").stdout.strip().rsplit("/", 1)[-1]
@@ -145,22 +209,19 @@ def fleet(tmp_path_factory):
     t0 = time.monotonic()
     wheels = build_wheels(tmp)
     print(f"\nwheels built in {time.monotonic() - t0:.1f}s")
-    broker = LocalBroker(tmp / "broker").start()
-    wcfg = tmp / "cloud-worker.toml"
-    wcfg.write_text(f'[model]\ncard = "{CLOUD_CARD}"\n[worker]\ngroup = "fleet"\n[mqtt]\nport = {broker.port}\n')
-    worker = subprocess.Popen([str(BIN / "edge-infer-cloud-worker"), "run", "--config", str(wcfg),
-                               "--worker-id", f"fleet-{os.getpid()}"],
-                              stdout=open(tmp / "worker.log", "w"), stderr=subprocess.STDOUT)
-    devices: list[Container] = []
+    names = [f"fd{i + 1}x{os.getpid()}" for i in range(3)]
+    broker_name = f"fbx{os.getpid()}"
+    pki = make_pki(tmp / "pki", names, broker_name)
+    machines: list[Container] = []
     try:
-        for i in range(3):
-            devices.append(Container(f"fd{i + 1}x{os.getpid()}", tmp, binds_ro=[]).start())
-        yield Fleet(tmp, broker, wheels, devices)
+        broker = Container(broker_name, tmp, binds_ro=[], masked=OTHER_HOST_SERVICES).start()
+        machines.append(broker)
+        for name in names:
+            machines.append(Container(name, tmp, binds_ro=[]).start())
+        yield Fleet(tmp, pki, free_port(), wheels, machines[1:], broker)
     finally:
-        for d in devices:
-            d.stop()
-        stop_process(worker)
-        broker.stop()
+        for m in machines:
+            m.stop()
 
 
 def test_fleet_deploy_rerun_update_rollback_and_broken_model_rollout(fleet, fmnist):
@@ -179,8 +240,31 @@ def test_fleet_deploy_rerun_update_rollback_and_broken_model_rollout(fleet, fmni
         s = f.status(d)
         assert s["results"] >= 1 and s["offloaded"] >= 1 and s["corrected"] >= 1, s   # the gate's probe
     rows = recap(out)
-    assert all(rows[n]["failed"] == 0 and rows[n]["rescued"] == 0 for n in names), out[-4000:]
+    assert all(rows[n]["failed"] == 0 and rows[n]["rescued"] == 0 for n in names + [f.broker.name]), out[-4000:]
     print(f"\nfirst deploy {times['first deploy']:.1f}s")
+    # the broker runs the shipped TLS config (paths and port replaced) and the ACL rendered for this
+    # fleet's workers and reader; the two worker instances run, each with its own certificate
+    b = f.broker
+    assert b.show("mosquitto", "ActiveState") == "active"
+    conf = b.run("cat", "/etc/mosquitto/conf.d/edge-infer-tls.conf").stdout
+    shipped = (REPO / "deploy" / "mosquitto" / "edge-infer-tls.conf").read_text()
+    assert conf == render_conf(shipped, {"listener": str(f.port), **{
+        k: f"/etc/mosquitto/edge-infer/{v}" for k, v in (("cafile", "ca.crt"), ("certfile", "broker.crt"),
+                                                         ("keyfile", "broker.key"), ("crlfile", "crl.pem"),
+                                                         ("acl_file", "edge-infer.acl"))}})
+    assert b.run("ls", "/etc/mosquitto/conf.d").stdout.split() == ["README", "edge-infer-tls.conf"]
+    acl = b.run("cat", "/etc/mosquitto/edge-infer/edge-infer.acl").stdout
+    users = [line for line in acl.splitlines() if line.startswith("user ")]
+    assert users == [f"user worker:{b.name}-1", f"user worker:{b.name}-2", f"user reader:{GATE}"], users
+    for i in range(1, WORKERS + 1):
+        assert b.show(f"edge-infer-cloud-worker@{i}", "ActiveState") == "active"
+    assert b.run("stat", "-c", "%a %U", f"/etc/edge-infer/worker-tls/{b.name}-1/worker.key").stdout.split() == \
+        ["600", "root"]
+    assert f.devices[0].run("stat", "-c", "%a %U", "/etc/edge-infer/tls/device.key").stdout.split() == \
+        ["600", "edge-infer"]
+    # no way in without a fleet certificate: not in plain MQTT, not with TLS and no client certificate
+    assert not f.connects(tls=False) and not f.connects(tls=True)
+    assert f.connects(tls=True, identity=f.pki.root / "readers" / GATE)      # while the reader's works
     # the rendered unit is the shipped one, pointed at current/, and systemd accepts it
     unit = f.devices[0].run("cat", "/etc/systemd/system/edge-infer.service").stdout
     assert "ExecStart=/opt/edge-infer/current/bin/edge-infer run" in unit
@@ -191,8 +275,9 @@ def test_fleet_deploy_rerun_update_rollback_and_broken_model_rollout(fleet, fmni
     rc, out, times["re-run"] = f.play("site.yml", inv)
     assert rc == 0, out[-4000:]
     rows = recap(out)
-    assert {n: rows[n]["changed"] for n in names} == dict.fromkeys(names, 0), out[-4000:]
-    print(f"re-run {times['re-run']:.1f}s, changed=0 on every device")
+    hosts = names + [f.broker.name]
+    assert {n: rows[n]["changed"] for n in hosts} == dict.fromkeys(hosts, 0), out[-4000:]
+    print(f"re-run {times['re-run']:.1f}s, changed=0 on every device and on the broker/worker host")
 
     # --- software update, then the one-command fleet rollback; count every store ------------------
     for d in f.devices:

@@ -15,13 +15,18 @@ from pathlib import Path
 from edge_infer.tools.localbroker import stop_process
 
 CGROUP_HIERARCHIES = ("systemd", "unified")
+#: enabled on the host image and of no use in a container (PostgreSQL costs ~2 s of every boot)
+OTHER_HOST_SERVICES = ("postgresql.service", "postgresql@15-main.service")
 
 
 class Container:
-    def __init__(self, name: str, workdir: Path, binds_ro: list[tuple[str, str]]) -> None:
+    def __init__(self, name: str, workdir: Path, binds_ro: list[tuple[str, str]],
+                 masked: tuple[str, ...] = ("mosquitto.service", *OTHER_HOST_SERVICES)) -> None:
         self.name = name
         self.workdir = workdir
         self.binds_ro = binds_ro
+        # host services that would start inside (the host's Mosquitto; a broker container unmasks it)
+        self.masked = masked
         self.nspawn: subprocess.Popen | None = None
         self.pid1: int | None = None
 
@@ -48,7 +53,7 @@ class Container:
                 "--overlay=+/root::/root", "--overlay=+/usr::/usr",
                 "--register=no", "--keep-unit", "--boot", "--console=passive"]
         args += [f"--bind-ro={src}:{dst}" for src, dst in self.binds_ro]
-        args += ["--", "systemd.mask=mosquitto.service"]
+        args += ["--", *(f"systemd.mask={unit}" for unit in self.masked)]
         script = f'for f in {procs}; do echo $$ > "$f"; done; exec setsid "$@"'
         self.log = open(self.workdir / f"{self.name}.log", "w")
         self.nspawn = subprocess.Popen(["bash", "-c", script, "nspawn", *args], stdout=self.log,
