@@ -13,58 +13,23 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from .config import MqttConfig
+from .mqttprops import (MalformedProperties, pack_publish_properties, pack_user_properties,
+                        unpack_publish_properties)
+
+__all__ = ["Connected", "Disconnected", "Event", "MqttLink", "PackedProperties", "Published", "Received",
+           "pack_publish_properties", "pack_user_properties"]
 
 log = logging.getLogger(__name__)
-
-
-def _str(value: str) -> bytes:
-    data = value.encode("utf-8")
-    if len(data) > 0xFFFF:
-        raise ValueError("MQTT strings are at most 65535 bytes")
-    return struct.pack("!H", len(data)) + data
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, byte = divmod(n, 128)
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def pack_user_properties(user_properties: list[tuple[str, str]] | tuple) -> bytes:
-    """User properties in their wire form, to store once and send many times."""
-    return b"".join(b"\x26" + _str(key) + _str(value) for key, value in user_properties)
-
-
-def pack_publish_properties(content_type: str | None, response_topic: str | None, correlation_data: bytes | None,
-                            user_properties: list[tuple[str, str]] | tuple = (),
-                            packed_user_properties: bytes = b"") -> bytes:
-    """The PUBLISH properties we use, encoded as MQTT v5 (section 3.3.2.3) in identifier order.
-
-    paho's Properties builds and packs these in ~70 us (measured), more than the rest of
-    sending a sample; this does the same bytes (tested against paho) in a few.
-    """
-    buf = bytearray()
-    if content_type:
-        buf += b"\x03" + _str(content_type)
-    if response_topic:
-        buf += b"\x08" + _str(response_topic)
-    if correlation_data:
-        buf += b"\x09" + struct.pack("!H", len(correlation_data)) + correlation_data
-    buf += packed_user_properties
-    for key, value in user_properties:
-        buf += b"\x26" + _str(key) + _str(value)
-    return _varint(len(buf)) + bytes(buf)
 
 
 class PackedProperties:
@@ -76,6 +41,55 @@ class PackedProperties:
 
     def pack(self) -> bytes:
         return self._packed
+
+
+class _Client(mqtt.Client):
+    """paho's client with MQTT v5 PUBLISH decoding by :mod:`.mqttprops`.
+
+    paho parses a sample's properties in ~200 us on its network thread (measured), which capped
+    a cloud worker at a third of its model's speed; this does it in a few. The override follows
+    paho 2.x's own ``_handle_publish`` step for step (message fields, the callback, PUBACK unless
+    acknowledged manually); tests/unit/test_mqtt_properties.py checks it against paho's parser and
+    every integration test runs through it.
+    """
+
+    def _handle_publish(self) -> mqtt.MQTTErrorCode:
+        if self._protocol != mqtt.MQTTv5:
+            return super()._handle_publish()
+        header = self._in_packet["command"]
+        packet = memoryview(self._in_packet["packet"])
+        qos = (header & 0x06) >> 1
+        if len(packet) < 2:
+            raise MalformedPacket("PUBLISH shorter than its topic length")
+        (tlen,) = struct.unpack_from("!H", packet, 0)
+        pos = 2 + tlen
+        if pos > len(packet):
+            raise MalformedPacket("PUBLISH topic runs past the packet")
+        topic = bytes(packet[2:pos])
+        mid = 0
+        if qos > 0:
+            if len(packet) < pos + 2:
+                raise MalformedPacket("PUBLISH without its packet identifier")
+            (mid,) = struct.unpack_from("!H", packet, pos)
+            pos += 2
+        try:
+            props, used = unpack_publish_properties(packet[pos:])
+        except MalformedProperties as exc:
+            raise MalformedPacket(str(exc)) from None
+        message = mqtt.MQTTMessage(mid=mid, topic=topic)
+        message.dup = bool(header & 0x08)
+        message.qos = qos
+        message.retain = bool(header & 0x01)
+        message.properties = props
+        message.payload = bytes(packet[pos + used:])
+        message.timestamp = time.monotonic()
+        if qos == 0:
+            self._handle_on_message(message)
+            return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+        if qos == 1:
+            self._handle_on_message(message)
+            return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS if self._manual_ack else self._send_puback(mid)
+        return super()._handle_publish()   # QoS 2: never used here; paho's own path (it re-parses)
 
 
 def _no_delay(client: Any, userdata: Any, sock: Any) -> None:
@@ -131,8 +145,8 @@ class MqttLink:
         self._clean_start = clean_start
         self._stopping = False
         self._receive_maximum = receive_maximum
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                   protocol=mqtt.MQTTv5, manual_ack=manual_ack)
+        self._client = _Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                               protocol=mqtt.MQTTv5, manual_ack=manual_ack)
         c = self._client
         # Our own windows bound what is in flight; paho must not hold more back.
         c.max_inflight_messages_set(65535)
