@@ -81,6 +81,50 @@ class ModelConfig:
     num_threads: int | None = option(None, help="deprecated: `backend.tflite-cpu.num_threads` (still read when "
                                                 "[backend.tflite-cpu] is absent)", check=in_range(1, 64))
 
+    isolate: bool | None = option(None, help="run the backend in a supervised child process, so that a crash or "
+                                             "hang of its library (libedgetpu aborts on USB faults) costs one input's "
+                                             "retry, not the service; unset: true for accelerator backends "
+                                             "(edgetpu), false otherwise (docs/backends.md)")
+    invoke_timeout_s: float = option(5.0, help="isolated: a run of the model that has not answered after this is "
+                                               "taken as hung: the child is killed and the input retried",
+                                     check=positive)
+    start_timeout_s: float = option(60.0, help="isolated: how long a fresh child may take to load the model",
+                                    check=positive)
+    restart_min_s: float = option(0.5, help="isolated: after a child fails, a fresh one starts at once; after "
+                                            "further failures in a row the wait starts here and doubles",
+                                  check=positive)
+    restart_max_s: float = option(30.0, help="isolated: longest wait between starts of a failing child (how often "
+                                             "a missing accelerator is retried)", check=positive)
+    failure_grace_s: float = option(60.0, help="isolated, no fallback: how long the backend may fail (its child "
+                                               "restarting) before the service stops pinging the systemd watchdog, "
+                                               "so that the unit restarts", check=positive)
+    fallback: str = option("none", help='"cpu": while the backend is missing or failing, answer with the CPU model '
+                                        'of fallback_card on tflite-cpu (status says degraded, results name the '
+                                        'backend); "none": fail those inputs. Needs isolate = true',
+                           check=one_of("none", "cpu"))
+    fallback_card: Path | None = option(None, help='the CPU model\'s card for fallback = "cpu"; unset: the card\'s '
+                                                   '"fallback_card"')
+
+    def __post_init__(self) -> None:
+        if self.restart_min_s > self.restart_max_s:
+            raise ConfigError(f"model.restart_min_s ({self.restart_min_s:g}) is above model.restart_max_s "
+                              f"({self.restart_max_s:g})")
+        if self.fallback_card is not None and self.fallback == "none":
+            raise ConfigError('model.fallback_card is set but model.fallback = "none": set fallback = "cpu" to '
+                              "use it, or remove it")
+        if self.fallback != "none" and not self.isolated:
+            raise ConfigError(f'model.fallback = "{self.fallback}" needs model.isolate = true: the fallback answers '
+                              "when the isolated child fails; a backend in the service's own process takes the "
+                              "service with it when it crashes")
+
+    @property
+    def isolated(self) -> bool:
+        """``isolate``, or the backend's default: accelerators are isolated."""
+        if self.isolate is not None:
+            return self.isolate
+        found = REGISTRY.get(self.backend)
+        return bool(found and found.accelerator)
+
     def legacy_options(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in LEGACY_TFLITE_KEYS if getattr(self, k) is not None}
 

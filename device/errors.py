@@ -37,3 +37,11 @@ class StoreUnavailable(EdgeInferError):
     """At run time: results cannot be committed now (the store is degraded); nothing was lost."""
 
     transient = True
+
+
+class InferenceUnavailable(EdgeInferError):
+    """At run time: the backend cannot answer this input now (its isolated child died, hung or cannot
+    start) and no fallback is configured. Nothing was recorded for the input: submit it again (the
+    spool keeps its file and retries it)."""
+
+    transient = True

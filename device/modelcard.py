@@ -73,6 +73,9 @@ class ModelCard:
     input: InputSpec
     output: OutputSpec
     metrics: dict[str, Any]
+    #: the CPU model answering for this one with [model] fallback = "cpu" (an Edge TPU model's source
+    #: int8 model): the card's optional "fallback_card", relative to this card's folder
+    fallback_card: Path | None = None
 
     @property
     def model_id(self) -> str:
@@ -171,13 +174,29 @@ def parse_card(data: Any, card_path: Path) -> ModelCard:
     role = data.get("role", "")
     if not isinstance(role, str):
         raise ModelCardError(f"{where}: 'role' must be a string")
+    fallback = _fallback_card(data.get("fallback_card"), card_path, where)
     return ModelCard(
         path=card_path, name=_req(data, "name", str, where), version=_req(data, "version", str, where),
         role=role, format=_req(data, "format", str, where), file=file, sha256=sha,
         params=params, labels=labels, input=spec,
         output=OutputSpec(kind, out_dtype, _quant(out.get("quantization"), out_dtype, where + " output")),
-        metrics=dict(metrics),
+        metrics=dict(metrics), fallback_card=fallback,
     )
+
+
+def _fallback_card(value: Any, card_path: Path, where: str) -> Path | None:
+    """The optional "fallback_card": a relative path to another card (models are installed as folders,
+    so a bundle keeps working wherever it is unpacked)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ModelCardError(f"{where}: 'fallback_card' must be a path like \"../model-v1/card.json\"")
+    if Path(value).is_absolute():
+        raise ModelCardError(f"{where}: 'fallback_card' must be relative to the card's folder, not {value[:200]!r}")
+    path = card_path.parent / value
+    if path.resolve() == card_path.resolve():
+        raise ModelCardError(f"{where}: 'fallback_card' names the card itself; name the CPU model's card")
+    return path
 
 
 def load_card(path: str | Path) -> ModelCard:

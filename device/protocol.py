@@ -297,7 +297,9 @@ def result_dict(r: Result) -> dict[str, Any]:
         "sample_id": r.sample_id, "source": r.source,
         "label": r.label, "label_name": r.label_name, "confidence": round(r.confidence, 6),
         "origin": r.origin, "state": r.state, "offloaded": r.offloaded, "offload_reason": r.offload_reason,
-        "edge": {"label": r.edge_label, "confidence": round(r.edge_confidence, 6), "model": r.model_id},
+        # backend/fallback: which backend answered, and whether the fallback model did ([model] fallback)
+        "edge": {"label": r.edge_label, "confidence": round(r.edge_confidence, 6), "model": r.model_id,
+                 "backend": r.backend, "fallback": r.fallback},
         "cloud_model": r.cloud_model_id, "created_at": round(r.created_at, 6),
         "corrected_at": None if r.corrected_at is None else round(r.corrected_at, 6),
     }

@@ -29,3 +29,7 @@ class Result:
     #: identifies the input at its source (the spool: name, size, mtime), so that an
     #: input classified just before a crash is not classified again after it
     source_key: str = ""
+    #: the registry name of the backend that produced the edge answer ("" in stores written before schema 4)
+    backend: str = ""
+    #: the edge answer came from the fallback model ([model] fallback), not the configured backend
+    fallback: bool = False

@@ -29,6 +29,7 @@ from . import __version__, protocol
 from .classifier import Classifier, Inference
 from .config import DeviceConfig
 from .errors import StoreUnavailable
+from .failover import BackendState
 from .identity import check_tls_identity
 from .mqtt_link import MqttLink, pack_user_properties
 from .policy import OffloadPolicy, plan_offload
@@ -53,7 +54,8 @@ KNOWN_COUNTERS = (
     "offload_skipped_budget_bytes", "requeued_at_start", "connects", "backpressure_waits", "store_unavailable",
     "store_errors", "store_recoveries", "store_repaired", "results_lost_at_stop", "spool_processed",
     "spool_rejected", "spool_already_classified", "spool_rejected_not_regular", "spool_deferred_incomplete",
-    "spool_ignored_dirs", *(f"store_errors_{kind}" for kind in ("disk_full", "read_only", "corrupt", "io", "locked")))
+    "spool_ignored_dirs", "fallback_answers", "inference_unavailable", "inference_retries", "backend_child_failures",
+    "backend_restarts", "backend_start_failures", *(f"store_errors_{kind}" for kind in ("disk_full", "read_only", "corrupt", "io", "locked")))
 
 
 class EdgeService:
@@ -65,7 +67,8 @@ class EdgeService:
                            resend_after_s=cfg.outbox.resend_after_s,
                            keep_payloads=cfg.outbox.keep_payload_after_correction)
         self.health = StoreHealth(self.store.path, self.counters)
-        self.classifier = Classifier(cfg.model, cfg.policy, cfg.backend_options)
+        self.classifier = Classifier(cfg.model, cfg.policy, cfg.backend_options,
+                                     fallback_options=cfg.backend.get("tflite-cpu"), counters=self.counters)
         pc = cfg.policy
         self.policy = OffloadPolicy(pc.threshold, pc.offload, pc.audit_rate, pc.max_samples_per_minute,
                                     pc.max_bytes_per_hour)
@@ -122,7 +125,8 @@ class EdgeService:
         self.writer.start()
         if connect:
             self.uplink = Uplink(self.cfg, self.store, self.health, self.counters,
-                                 labels=self.card.labels, waiters=self._waiters, status_fields=self.status)
+                                 labels=self.card.labels, waiters=self._waiters, status_fields=self.status,
+                                 status_key=self.classifier.state)
             self.uplink.start()
         if self.cfg.spool.dir is not None:
             self.spool = SpoolWatcher(self.cfg.spool.dir, self.classify_bytes, self.counters, flush=self.flush,
@@ -219,7 +223,7 @@ class EdgeService:
                 if not plan.send:
                     self.counters.inc(f"offload_skipped_{plan.reason}")   # over budget: counted, not logged
                 else:
-                    meta = protocol.SampleMeta(sample_id, self.cfg.device_id, self.card.model_id, inf.label,
+                    meta = protocol.SampleMeta(sample_id, self.cfg.device_id, inf.model_id, inf.label,
                                                inf.confidence, now, wants.reason)
                     item = OutboxItem(sample_id, now, payload[1], payload[0],
                                       pack_user_properties(protocol.sample_properties(meta)))
@@ -228,8 +232,8 @@ class EdgeService:
             sample_id=sample_id, label=inf.label, label_name=self.card.labels[inf.label],
             confidence=inf.confidence, origin="edge", state="provisional" if offloaded else "final",
             offloaded=offloaded, edge_label=inf.label, edge_confidence=inf.confidence,
-            model_id=self.card.model_id, created_at=now, source=source, offload_error=offload_error,
-            offload_reason=reason, source_key=source_key)
+            model_id=inf.model_id, created_at=now, source=source, offload_error=offload_error,
+            offload_reason=reason, source_key=source_key, backend=inf.backend, fallback=inf.fallback)
         return result, item
 
     def result(self, sample_id: str) -> Result | None:
@@ -265,13 +269,20 @@ class EdgeService:
 
         Unhealthy when one invoke has been running for longer than
         ``max_invoke_s`` (a hung accelerator: a known failure of USB Edge
-        TPUs), when the spool thread has stopped scanning, or when the store
-        has not been able to commit for longer than store.degraded_grace_s.
+        TPUs; an isolated one is killed and restarted before that), when an
+        isolated backend has failed for longer than model.failure_grace_s with
+        no fallback, when the spool thread has stopped scanning, or when the
+        store has not been able to commit for longer than store.degraded_grace_s.
         """
         stuck = self.classifier.stuck_for()
         if stuck > max_invoke_s:
             return False, f"inference stuck for {stuck:.0f}s"
-        if self.spool is not None and not self.spool.alive(max_invoke_s + self.cfg.spool.poll_interval_s * 4):
+        ok, why = self.classifier.health()
+        if not ok:
+            return False, why
+        # An input may wait for an isolated backend's fresh child: that is recovery, not a stalled scan.
+        spool_within = max_invoke_s + self.classifier.recovery_budget_s() + self.cfg.spool.poll_interval_s * 4
+        if self.spool is not None and not self.spool.alive(spool_within):
             return False, "spool thread stalled"
         degraded_s = self.health.degraded_for()
         if degraded_s > self.cfg.store.degraded_grace_s:
@@ -293,14 +304,17 @@ class EdgeService:
             pass   # the store is closed (stopping): the last counts stand
         store_counts = self._last_counts
         degraded = self.health.degraded()
+        inference = self.classifier.status()
         return {
             "device": self.cfg.device_id,
-            "state": "degraded" if degraded else "online",
+            # inference other than healthy (recovering, degraded on the fallback, lost) is degraded too
+            "state": "degraded" if degraded or inference["state"] != BackendState.HEALTHY.value else "online",
             "version": __version__,
             "model": self.card.model_id,
             "backend": f"{self.cfg.model.backend} ({self.classifier.runtime})" if self.backend
             else self.cfg.model.backend,
             "threshold": self.policy.threshold,
+            "inference": inference,
             "broker_connected": bool(self.uplink and self.uplink.connected),
             "store": {"ok": degraded is None, "problem": degraded.kind if degraded else None,
                       "reason": degraded.reason if degraded else None,

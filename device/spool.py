@@ -9,7 +9,8 @@ survives a power cut), so a crash re-reads it rather than losing it; a file
 whose result is already stored (same name, size and modification time) is
 moved without being classified again. While the store cannot commit, the
 watcher waits for the chunk it has classified and takes no new files, so no
-input is classified twice because of it.
+input is classified twice because of it. A file that no backend can answer
+now (an isolated backend restarting, no fallback) stays and is read again.
 
 Only regular files are read, and only through a descriptor opened without
 following links: a symbolic link, FIFO, socket or device node dropped in is
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .errors import StoreUnavailable
+from .errors import InferenceUnavailable, StoreUnavailable
 from .preprocess import ImageError
 from .result import Result
 from .stats import Counters
@@ -112,9 +113,10 @@ class SpoolWatcher:
                 try:
                     if self._classify_file(path):
                         done.append(path)
-                except StoreUnavailable as exc:
-                    # No room for more results: this file stays for a later pass, but the ones
-                    # already classified must be acknowledged first, or they would be read twice.
+                except (StoreUnavailable, InferenceUnavailable) as exc:
+                    # No room for more results, or no backend to answer (an isolated one restarting,
+                    # no fallback): this file stays for a later pass, but the ones already
+                    # classified must be acknowledged first, or they would be read twice.
                     unavailable = exc
                     break
                 n += 1
@@ -154,8 +156,9 @@ class SpoolWatcher:
             try:
                 if self.process_once() == 0:
                     self._stop.wait(self._interval)
-            except StoreUnavailable:
-                self._stop.wait(max(self._interval, 1.0))   # reported by the store's health, once
+            except (StoreUnavailable, InferenceUnavailable):
+                # reported once, by the store's health or the classifier's state change
+                self._stop.wait(max(self._interval, 1.0))
             except Exception:  # keep watching: one bad file or a full disk must not stop the service
                 log.exception("spool scan failed; retrying in %.1fs", self._interval)
                 self._stop.wait(max(self._interval, 1.0))

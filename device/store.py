@@ -34,9 +34,10 @@ from .result import Result
 from .storeschema import OPEN_STATES, OUTBOX_STATES, TABLES, TABLES_SQL, initial_counts, migrate
 from .storerecords import ApplyOutcome, Due, OpenReport, OutboxItem, RecordOutcome, row_to_result
 from .storesql import (
-    CHUNK, DUPLICATE_CORRECTION, DUPLICATE_ERROR, EVICTABLE, EXPIRABLE, KEPT_INDEX, NEW, RESULT_COLS, SQL_ACKED,
-    SQL_CORRECT, SQL_CORRECT_KEEP, SQL_DROP_ALL_KEPT, SQL_DROP_KEPT, SQL_ERROR, SQL_EVICT, SQL_EXPIRE, SQL_KEPT_INDEX,
-    SQL_KEPT_OLDEST, SQL_PRUNE_OUTBOX, SQL_QUEUED, SQL_REFUSED, SQL_REQUEUE, SQL_RESEND, SQL_SENT, UNSENT,
+    CHUNK, DUPLICATE_CORRECTION, DUPLICATE_ERROR, EVICTABLE, EXPIRABLE, KEPT_INDEX, NEW, RESULT_COLS, RESULT_COLS_BEFORE_4,
+    SQL_ACKED, SQL_CORRECT, SQL_CORRECT_KEEP, SQL_DROP_ALL_KEPT, SQL_DROP_KEPT, SQL_ERROR, SQL_EVICT, SQL_EXPIRE,
+    SQL_KEPT_INDEX, SQL_KEPT_OLDEST, SQL_PRUNE_OUTBOX, SQL_QUEUED, SQL_REFUSED, SQL_REQUEUE, SQL_RESEND, SQL_SENT,
+    UNSENT,
 )
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class Store:
         self._db: sqlite3.Connection | None = None
         self._last_seq = 0
         self._legacy_counts = False   # a read-only look at a store of an older schema: counted by scanning
+        self._cols = RESULT_COLS      # ... whose results lack the columns of schema 4: read as unrecorded
         self.report = OpenReport(0)
 
     # ------------------------------------------------------------ lifecycle
@@ -73,7 +75,9 @@ class Store:
         of a running service: nothing is written.
         """
         if not requeue:
-            self._db, self._legacy_counts = storeopen.open_read_only(self.path)
+            self._db, version = storeopen.open_read_only(self.path)
+            self._legacy_counts = version < 3
+            self._cols = RESULT_COLS if version >= 4 else RESULT_COLS_BEFORE_4
             self._last_seq = self._max_seq()
             return 0
         opened = storeopen.open_writable(self.path, self.resend_after_s, check=check)
@@ -175,10 +179,11 @@ class Store:
                         item.payload, len(item.payload), item.user_props, seq)
                        for (_, item), seq in zip(entries, seqs) if item is not None]
             db.executemany(f"INSERT INTO results ({RESULT_COLS}, pub_seq, source_key) "
-                           "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                           "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                            [(r.sample_id, r.created_at, r.source, r.model_id, r.edge_label, r.edge_confidence,
                              r.label, r.label_name, r.confidence, r.origin, r.state, int(r.offloaded),
-                             r.corrected_at, r.cloud_model_id, r.offload_error, r.offload_reason, seq, r.source_key)
+                             r.corrected_at, r.cloud_model_id, r.offload_error, r.offload_reason, r.backend,
+                             int(r.fallback), seq, r.source_key)
                             for (r, _), seq in zip(entries, seqs)])
             if samples:
                 db.executemany(
@@ -245,7 +250,7 @@ class Store:
         """Results not yet acknowledged by the broker with a sequence above ``after_seq``, in order."""
         with self._read() as db:
             rows = db.execute(
-                f"SELECT pub_seq, {RESULT_COLS} FROM results WHERE pub_seq > acked_seq AND pub_seq > ? "
+                f"SELECT pub_seq, {self._cols} FROM results WHERE pub_seq > acked_seq AND pub_seq > ? "
                 "ORDER BY pub_seq LIMIT ?", (after_seq, limit)).fetchall()
         return [Due(r[0], row_to_result(r[1:])) for r in rows]
 
@@ -278,7 +283,7 @@ class Store:
         seq = self._next_seq()
         n = db.execute("UPDATE results SET state='final', offload_error=?, pub_seq=? WHERE sample_id=? "
                        "AND state='provisional'", (reason, seq, sample_id)).rowcount
-        row = db.execute(f"SELECT {RESULT_COLS} FROM results WHERE sample_id=?", (sample_id,)).fetchone()
+        row = db.execute(f"SELECT {self._cols} FROM results WHERE sample_id=?", (sample_id,)).fetchone()
         return Due(seq, row_to_result(row)) if n and row else None
 
     def expire(self, max_age_s: float, now: float | None = None) -> list[Due]:
@@ -337,7 +342,7 @@ class Store:
             db.execute("UPDATE results SET label=?, label_name=?, confidence=?, origin='cloud', state='final', "
                        "corrected_at=?, cloud_model=?, pub_seq=? WHERE sample_id=?",
                        (c.label, c.label_name, c.confidence, now, c.model_id, seq, c.sample_id))
-            r = db.execute(f"SELECT {RESULT_COLS} FROM results WHERE sample_id=?", (c.sample_id,)).fetchone()
+            r = db.execute(f"SELECT {self._cols} FROM results WHERE sample_id=?", (c.sample_id,)).fetchone()
         return ApplyOutcome(Due(seq, row_to_result(r)) if r else None, "applied")
 
     def apply_error(self, e: ErrorReply) -> ApplyOutcome:
@@ -361,12 +366,12 @@ class Store:
 
     def get_result(self, sample_id: str) -> Result | None:
         with self._read() as db:
-            row = db.execute(f"SELECT {RESULT_COLS} FROM results WHERE sample_id=?", (sample_id,)).fetchone()
+            row = db.execute(f"SELECT {self._cols} FROM results WHERE sample_id=?", (sample_id,)).fetchone()
         return row_to_result(row) if row else None
 
     def all_results(self) -> list[Result]:
         with self._read() as db:
-            rows = db.execute(f"SELECT {RESULT_COLS} FROM results ORDER BY created_at").fetchall()
+            rows = db.execute(f"SELECT {self._cols} FROM results ORDER BY created_at").fetchall()
         return [row_to_result(r) for r in rows]
 
     def counts(self) -> dict[str, int]:

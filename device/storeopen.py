@@ -64,15 +64,15 @@ def open_writable(path: Path, resend_after_s: float, *, check: bool = True) -> O
     return Opened(db, tuple(notices), repaired)
 
 
-def open_read_only(path: Path) -> tuple[sqlite3.Connection, bool]:
+def open_read_only(path: Path) -> tuple[sqlite3.Connection, int]:
     """For looking at a store (a running service's, or offline): nothing is written.
-    Returns the connection and whether the schema predates the counts table."""
+    Returns the connection and the schema version found (older ones are read as they are)."""
     found = dbfile.check_file(path)
     if not found.exists:
         raise StoreError(f"no state database at {path}", kind="missing", exit_code=1)
     db = connect(path, read_only=True)
     (version,) = db.execute("PRAGMA user_version").fetchone()
-    return db, version < 3
+    return db, version
 
 
 def connect(path: Path, read_only: bool = False) -> sqlite3.Connection:

@@ -53,8 +53,9 @@ class OpenReport:
 
 def row_to_result(row: tuple) -> Result:
     (sample_id, created_at, source, model, edge_label, edge_conf, label, label_name, confidence,
-     origin, state, offloaded, corrected_at, cloud_model, offload_error, offload_reason) = row
+     origin, state, offloaded, corrected_at, cloud_model, offload_error, offload_reason, backend, fallback) = row
     return Result(sample_id=sample_id, label=label, label_name=label_name, confidence=confidence, origin=origin,
                   state=state, offloaded=bool(offloaded), edge_label=edge_label, edge_confidence=edge_conf,
                   model_id=model, created_at=created_at, source=source, corrected_at=corrected_at,
-                  cloud_model_id=cloud_model, offload_error=offload_error, offload_reason=offload_reason)
+                  cloud_model_id=cloud_model, offload_error=offload_error, offload_reason=offload_reason,
+                  backend=backend, fallback=bool(fallback))

@@ -5,6 +5,11 @@ Version 3 adds what keeps every periodic query independent of the store's size:
 scanning every delivered row), and a ``counts`` table that triggers keep exact in
 the same transactions as the rows they count (the status reads a handful of
 numbers instead of counting 100k rows).
+
+Version 4 adds ``results.backend`` and ``results.fallback``: which backend produced
+each edge answer, and whether it was the fallback model (``[model] fallback``), so
+that answers given while the accelerator was out can be told apart afterwards.
+Rows of earlier schemas keep ``''`` (not recorded) and 0.
 """
 from __future__ import annotations
 
@@ -74,7 +79,9 @@ def sql_states(*states: OutboxState) -> str:
     return "(" + ",".join(f"'{s.value}'" for s in states) + ")"
 
 
-VERSION = 3
+VERSION = 4
+#: the versions this release upgrades in place
+UPGRADES_FROM = (2, 3)
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS results (
@@ -96,7 +103,9 @@ CREATE TABLE IF NOT EXISTS results (
     offload_reason TEXT,
     source_key    TEXT NOT NULL DEFAULT '',
     pub_seq       INTEGER NOT NULL,
-    acked_seq     INTEGER NOT NULL DEFAULT 0
+    acked_seq     INTEGER NOT NULL DEFAULT 0,
+    backend       TEXT NOT NULL DEFAULT '',
+    fallback      INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS results_unpublished ON results(pub_seq) WHERE pub_seq > acked_seq;
 CREATE INDEX IF NOT EXISTS results_created ON results(created_at);
@@ -177,10 +186,11 @@ def migrate(db: sqlite3.Connection, resend_after_s: float) -> int:
     (found,) = db.execute("PRAGMA user_version").fetchone()
     if found == VERSION:
         return found
-    if found not in (0, 2):
+    if found != 0 and found not in UPGRADES_FROM:
         raise StoreError(f"state database schema version {found} is not one this edge-infer opens (it writes "
-                         f"{VERSION} and upgrades 2): a store written by a newer release needs that release "
-                         "(or `edge-infer reset-store --yes` to start empty)", kind="version")
+                         f"{VERSION} and upgrades {' and '.join(map(str, UPGRADES_FROM))}): a store written by a "
+                         "newer release needs that release (or `edge-infer reset-store --yes` to start empty)",
+                         kind="version")
     db.execute("BEGIN IMMEDIATE")
     try:
         if found == 2:
@@ -194,6 +204,12 @@ def migrate(db: sqlite3.Connection, resend_after_s: float) -> int:
                 db.execute("ALTER TABLE outbox ADD COLUMN result_seq INTEGER NOT NULL DEFAULT 0")
             db.execute("UPDATE outbox SET resend_at = updated_at + ? * (1 << MIN(MAX(attempts - 1, 0), 6)) "
                        f"WHERE state = {sql_states(OutboxState.DELIVERED)}", (resend_after_s,))
+        if found in (2, 3):
+            # Added at the end, as the CREATE TABLE above has them, so a rebuild copies by the same names.
+            result_columns = {r[1] for r in db.execute("PRAGMA table_info(results)")}
+            for column, decl in (("backend", "TEXT NOT NULL DEFAULT ''"), ("fallback", "INTEGER NOT NULL DEFAULT 0")):
+                if column not in result_columns:
+                    db.execute(f"ALTER TABLE results ADD COLUMN {column} {decl}")
         for statement in _split(_TABLES + _V3):
             db.execute(statement)
         db.executemany("INSERT OR REPLACE INTO counts (name, n) VALUES (?, ?)", initial_counts(db))

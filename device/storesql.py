@@ -10,7 +10,9 @@ from __future__ import annotations
 from .storeschema import DONE_STATES, INITIAL_STATE, OPEN_STATES, TRANSITIONS, OutboxState, sql_states
 
 RESULT_COLS = ("sample_id, created_at, source, model, edge_label, edge_conf, label, label_name, confidence, "
-                "origin, state, offloaded, corrected_at, cloud_model, offload_error, offload_reason")
+                "origin, state, offloaded, corrected_at, cloud_model, offload_error, offload_reason, backend, fallback")
+#: reading a store of schema 2 or 3 without upgrading it (``edge-infer status`` on a store an older release wrote)
+RESULT_COLS_BEFORE_4 = RESULT_COLS.replace("backend, fallback", "'' AS backend, 0 AS fallback")
 #: rows one maintenance transaction touches at most, so the writer never waits long for the lock
 CHUNK = 512
 RESEND_AT = "? + ? * (1 << MIN(MAX(attempts - 1, 0), 6))"   # the wait doubles per attempt, up to 64x

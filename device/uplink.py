@@ -41,7 +41,9 @@ class Uplink:
 
     def __init__(self, cfg: DeviceConfig, store: Store, health: StoreHealth, counters: Counters, *,
                  labels: Sequence[str], waiters: dict[str, threading.Event],
-                 status_fields: Callable[[], dict[str, Any]]) -> None:
+                 status_fields: Callable[[], dict[str, Any]], status_key: Callable[[], Any] | None = None) -> None:
+        """``status_key``: read every turn; when its value changes the status is published at once
+        (the inference backend's state), as it is when the store becomes degraded or recovers."""
         self.cfg = cfg
         self.topics = protocol.Topics(cfg.mqtt.topic_prefix, cfg.device_id)
         self.store = store
@@ -52,6 +54,7 @@ class Uplink:
         self._labels = tuple(labels)
         self._waiters = waiters
         self._status_fields = status_fields
+        self._status_key = status_key or (lambda: None)
         self.link: MqttLink | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -110,16 +113,16 @@ class Uplink:
     def _run(self) -> None:
         assert self.link is not None
         next_status = next_maintenance = 0.0
-        was_degraded = False
+        was: tuple[bool, Any] = (False, None)   # (store degraded, status_key())
         while not self._stopping.is_set():
             store_ok = self._guarded("link worker", self._link_turn)
             now = time.monotonic()
             if now >= next_maintenance:
                 self._guarded("maintenance", self._maintenance)
                 next_maintenance = now + MAINTENANCE_INTERVAL_S
-            degraded = self.health.degraded() is not None
-            if degraded != was_degraded:
-                next_status, was_degraded = now, degraded   # integrators hear of it at once, not within 10 s
+            seen = (self.health.degraded() is not None, self._status_key())
+            if seen != was:
+                next_status, was = now, seen   # integrators hear of it at once, not within 10 s
             if now >= next_status and self.link.connected.is_set():
                 self._publish_status()   # never raises: a degraded store is what it reports
                 next_status = now + STATUS_INTERVAL_S
