@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+from typing import Sequence
 
 import numpy as np
 
@@ -13,8 +14,41 @@ from edge_infer.scores import max_softmax_batch, probabilities
 log = logging.getLogger(__name__)
 
 
+#: config name -> onnxruntime execution provider
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+_GRAPH_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                 "all": "ORT_ENABLE_ALL"}
+
+
+class ProviderError(ModelCardError):
+    """None of the configured execution providers can run here."""
+
+
+def session_providers(wanted: Sequence[str], available: Sequence[str], device_id: int = 0) -> list:
+    """The providers (with their options) to give onnxruntime: the configured ones this build has, in order.
+
+    The CPU provider always ends the list, as onnxruntime's own fallback for ops a GPU provider
+    does not take; a configured GPU provider missing from this build is an error naming the
+    package to install, not a silent CPU run.
+    """
+    missing = [w for w in wanted if PROVIDERS[w] not in available]
+    if missing:
+        raise ProviderError(
+            f"onnxruntime here has no {', '.join(missing)} execution provider (available: {', '.join(available)}). "
+            "Install onnxruntime-gpu (CUDA, and TensorRT's libraries for tensorrt) on a GPU host, or set "
+            'model.providers = ["cpu"]')
+    out: list = []
+    for w in wanted:
+        name = PROVIDERS[w]
+        out.append((name, {"device_id": device_id}) if w in ("cuda", "tensorrt") else name)
+    if "cpu" not in wanted:
+        out.append(PROVIDERS["cpu"])
+    return out
+
+
 class CloudModel:
-    def __init__(self, card_path, intra_op_threads: int = 0) -> None:
+    def __init__(self, card_path, intra_op_threads: int = 0, *, providers: Sequence[str] = ("cpu",),
+                 graph_optimization: str = "all", device_id: int = 0) -> None:
         import onnxruntime as ort  # the cloud extra; imported here so the module loads without it
 
         self.card: ModelCard = load_card(card_path)
@@ -23,17 +57,22 @@ class CloudModel:
         opts = ort.SessionOptions()
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
-        self.session = ort.InferenceSession(verified_model_bytes(self.card), sess_options=opts,
-                                            providers=["CPUExecutionProvider"])
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _GRAPH_LEVELS[graph_optimization])
+        chosen = session_providers(providers, ort.get_available_providers(), device_id)
+        self.session = ort.InferenceSession(verified_model_bytes(self.card), sess_options=opts, providers=chosen)
+        self.providers = self.session.get_providers()
         self.input_name = self.session.get_inputs()[0].name
         self.pre = Preprocessor(self.card.input)
-        self.runtime = f"onnxruntime {importlib.metadata.version('onnxruntime')}"
+        self.runtime = f"onnxruntime {importlib.metadata.version('onnxruntime')} ({self.providers[0]})"
         log.info("loaded %s with %s", self.card.model_id, self.runtime)
 
     def predict(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images (any size; fitted per the card) -> (labels, confidences)."""
-        batch = self.pre.batch([self.pre.fit(im) for im in images])
-        (raw,) = self.session.run(None, {self.input_name: batch})
+        return self.predict_fitted_batch([self.pre.fit(im) for im in images])
+
+    def predict_fitted_batch(self, fitted: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Images already fitted to the card's input (``pre.fit``) -> (labels, confidences)."""
+        (raw,) = self.session.run(None, {self.input_name: self.pre.batch(fitted)})
         return max_softmax_batch(probabilities(raw, self.card.output))
 
     def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -10,9 +10,15 @@ them again (``outbox.resend_after_s``, 120 s by default, the wait doubling up
 to 64x); the device applies a correction once, however many copies are
 answered. Every reply carries the sample's correlation data.
 
-One thread (the worker thread) owns the link: paho's callbacks only enqueue
-events, and every publish (replies, acknowledgements, status refreshes) is
-made on it; only stop() publishes the final offline status, after it ended.
+Two threads beside paho's network thread, so that the model never waits for
+MQTT or PNG work: the intake thread takes the link's events (paho's callbacks
+only enqueue them), validates and decodes each sample into the model's input
+and queues it, acknowledges samples whose replies the broker confirmed, and
+refreshes the status; the model thread runs batches from that queue as soon as
+the model is free (cloud_worker.batcher: a lone sample runs alone at once, a
+backlog makes full batches) and publishes each batch's replies. Replies are
+registered under a lock before their PUBACK can be handled, so a sample is
+acknowledged exactly once, after its reply.
 """
 from __future__ import annotations
 
@@ -21,7 +27,9 @@ import math
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -30,6 +38,7 @@ from edge_infer.mqtt_link import Connected, MqttLink, Published, Received
 from edge_infer.preprocess import ImageError, decode_image
 from edge_infer.stats import Counters
 
+from .batcher import BatchQueue, size_bucket
 from .config import WorkerConfig
 from .model import CloudModel
 
@@ -55,51 +64,77 @@ class CloudWorker:
         self.counters = Counters()
         self.model: CloudModel | None = None
         self.link: MqttLink | None = None
+        self.queue: BatchQueue[_Ready] = BatchQueue(cfg.worker.batch_policy())
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._ack_after: dict[int, int] = {}   # reply mid -> sample mid (worker thread only)
-        self._pending: list[Received] = []
-        # Monotonic time of the next status refresh (worker thread only); the first
+        self._threads: list[threading.Thread] = []
+        self._decoders: ThreadPoolExecutor | None = None
+        self._ack_lock = threading.Lock()
+        self._ack_after: dict[int, int] = {}   # reply mid -> sample mid (under _ack_lock)
+        # Monotonic time of the next status refresh (intake thread only); the first
         # status goes out on Connected, so that it already counts the connect.
         self._status_due = math.inf
 
     def start(self) -> None:
-        self.model = CloudModel(self.cfg.model.card, self.cfg.model.intra_op_threads)
+        if self._threads:
+            raise RuntimeError("CloudWorker.start() called twice")
+        m = self.cfg.model
+        self.model = CloudModel(m.card, m.intra_op_threads, providers=m.providers,
+                                graph_optimization=m.graph_optimization, device_id=m.device_id)
         topic = protocol.shared_samples_filter(self.cfg.mqtt.topic_prefix, self.cfg.worker.group)
         self.status_topic = protocol.worker_status_topic(self.cfg.mqtt.topic_prefix, self.worker_id)
         # A clean, non-persistent session: a stopped worker must not keep a share of the
         # group's samples queued in the broker. Samples lost with a dead worker's session
         # are re-sent by their device (outbox resend_after_s); corrections apply once.
         mqtt_cfg = replace(self.cfg.mqtt, session_expiry_s=0)
+        # Receive maximum: how many unacknowledged samples the broker hands this worker. Two
+        # batches' worth keeps the model busy while one batch's replies are confirmed, and is
+        # what a slow worker holds at most (the rest of the group's samples go to the others).
         self.link = MqttLink(mqtt_cfg, self.cfg.client_id, subscriptions=[(topic, 1)], manual_ack=True,
-                             clean_start=True,
-                             receive_maximum=max(2 * self.cfg.worker.batch_max, 64),
+                             clean_start=True, receive_maximum=max(2 * self.cfg.worker.batch_size, 64),
                              will=(self.status_topic, self._status("offline")))
-        self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
-        self._thread.start()
+        if self.cfg.worker.decode_threads > 1:
+            self._decoders = ThreadPoolExecutor(self.cfg.worker.decode_threads, thread_name_prefix="worker-decode")
+        self._threads = [threading.Thread(target=self._intake_loop, name="worker-intake", daemon=True),
+                         threading.Thread(target=self._model_loop, name="worker-model", daemon=True)]
+        for t in self._threads:
+            t.start()
         self.link.start()
-        log.info("cloud worker %s ready: model %s (%s), group %s, broker %s:%d", self.worker_id,
+        log.info("cloud worker %s ready: model %s (%s), group %s, broker %s:%d, batches up to %d", self.worker_id,
                  self.model.card.model_id, self.model.runtime, self.cfg.worker.group, self.cfg.mqtt.host,
-                 self.cfg.mqtt.port)
+                 self.cfg.mqtt.port, self.cfg.worker.batch_size)
+
+    def __enter__(self) -> "CloudWorker":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def _status(self, state: str) -> bytes:
         fields = {"worker": self.worker_id, "state": state, "group": self.cfg.worker.group}
         if self.model is not None:
             fields["model"] = self.model.card.model_id
         if state == "online":
-            fields["counters"] = status_counters(self.counters.snapshot())
+            snap = self.counters.snapshot()
+            fields["counters"] = status_counters({k: v for k, v in snap.items() if not k.startswith("batch_size_")})
+            fields["batch_sizes"] = {k[len("batch_size_"):]: v for k, v in sorted(snap.items(), key=_bucket_order)
+                                     if k.startswith("batch_size_")}
+            fields["queued"] = len(self.queue)
         return protocol.encode_status(fields)
 
     def _publish_status(self) -> None:
-        """Worker thread only: refresh the retained status (and its counters)."""
+        """Intake thread only: refresh the retained status (and its counters)."""
         assert self.link is not None
         self.link.publish(self.status_topic, self._status("online"), retain=True)
         self._status_due = time.monotonic() + self.cfg.worker.status_interval_s
 
     def stop(self) -> None:
         self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self.queue.close()
+        for t in self._threads:
+            t.join(timeout=10)
+        if self._decoders is not None:
+            self._decoders.shutdown(wait=False, cancel_futures=True)
         if self.link is not None:
             if self.link.connected.is_set():
                 self.link.publish(self.status_topic, self._status("offline"), retain=True)
@@ -107,30 +142,16 @@ class CloudWorker:
             self.link.stop()
         log.info("cloud worker %s stopped: %s", self.worker_id, self.counters.snapshot())
 
-    # ------------------------------------------------------------ worker thread
-    def _run(self) -> None:
+    # ------------------------------------------------------------ intake thread
+    def _intake_loop(self) -> None:
         while not self._stopping.is_set():
             try:
-                self._step()
-                # Between batches: a busy worker refreshes its status as often as an idle one.
+                self._take_event(timeout=0.1)
                 if time.monotonic() >= self._status_due and self.link is not None and self.link.connected.is_set():
                     self._publish_status()
             except Exception:
-                log.exception("worker loop error; continuing")
+                log.exception("worker intake error; continuing")
                 time.sleep(0.5)
-
-    def _step(self) -> None:
-        assert self.link is not None
-        self._take_event(timeout=0.1)
-        if not self._pending:
-            return
-        deadline = time.monotonic() + self.cfg.worker.batch_wait_ms / 1000.0
-        while len(self._pending) < self.cfg.worker.batch_max:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._take_event(timeout=left):
-                break
-        batch, self._pending = self._pending, []
-        self._process(batch)
 
     def _take_event(self, timeout: float) -> bool:
         assert self.link is not None
@@ -139,9 +160,14 @@ class CloudWorker:
         except queue.Empty:
             return False
         if isinstance(ev, Received):
-            self._pending.append(ev)
+            self.counters.inc("received")
+            if self._decoders is not None:
+                self._decoders.submit(self._guarded_prepare, ev)
+            else:
+                self._prepare(ev)
         elif isinstance(ev, Published):
-            sample_mid = self._ack_after.pop(ev.mid, None)
+            with self._ack_lock:
+                sample_mid = self._ack_after.pop(ev.mid, None)
             if sample_mid is not None:
                 if ev.failed:
                     self.counters.inc("replies_refused")
@@ -155,41 +181,63 @@ class CloudWorker:
             self._publish_status()
         return True
 
-    def _process(self, batch: list[Received]) -> None:
-        assert self.model is not None and self.link is not None
-        valid: list[tuple[Received, protocol.SampleRequest, np.ndarray]] = []
-        for msg in batch:
-            self.counters.inc("received")
-            try:
-                req = protocol.parse_sample(
-                    msg.topic, msg.payload, prefix=self.cfg.mqtt.topic_prefix, content_type=msg.content_type,
-                    response_topic=msg.response_topic, correlation_data=msg.correlation_data,
-                    user_properties=msg.user_properties, max_bytes=self.cfg.worker.max_payload_bytes)
-            except protocol.ProtocolError as exc:
-                self._reject(msg, exc.code, str(exc))
-                continue
-            try:
-                img = decode_image(req.payload, max_bytes=self.cfg.worker.max_payload_bytes,
-                                   max_pixels=self.cfg.worker.max_pixels, expected_type=req.content_type)
-            except ImageError as exc:
-                self._reject(msg, "bad_image", str(exc), req)
-                continue
-            valid.append((msg, req, img.pixels))
-        if not valid:
+    def _guarded_prepare(self, msg: Received) -> None:
+        try:
+            self._prepare(msg)
+        except Exception:
+            log.exception("worker decode error; the sample stays unacknowledged and its device resends it")
+
+    def _prepare(self, msg: Received) -> None:
+        """Validate and decode one sample into the model's input, queue it; or reject it."""
+        assert self.model is not None
+        w = self.cfg.worker
+        try:
+            req = protocol.parse_sample(
+                msg.topic, msg.payload, prefix=self.cfg.mqtt.topic_prefix, content_type=msg.content_type,
+                response_topic=msg.response_topic, correlation_data=msg.correlation_data,
+                user_properties=msg.user_properties, max_bytes=w.max_payload_bytes)
+        except protocol.ProtocolError as exc:
+            self._reject(msg, exc.code, str(exc))
             return
         try:
-            labels, confs = self.model.predict([v[2] for v in valid])
+            img = decode_image(req.payload, max_bytes=w.max_payload_bytes, max_pixels=w.max_pixels,
+                               expected_type=req.content_type)
+            fitted = self.model.pre.fit(img.pixels)
+        except ImageError as exc:
+            self._reject(msg, "bad_image", str(exc), req)
+            return
+        self.queue.put(_Ready(msg, req, fitted))
+
+    # ------------------------------------------------------------ model thread
+    def _model_loop(self) -> None:
+        while not self._stopping.is_set():
+            batch = self.queue.take(timeout=0.1)
+            if not batch:
+                continue
+            try:
+                self._run_batch(batch)
+            except Exception:
+                log.exception("worker model error; continuing")
+                time.sleep(0.5)
+
+    def _run_batch(self, batch: list["_Ready"]) -> None:
+        assert self.model is not None
+        try:
+            labels, confs = self.model.predict_fitted_batch([r.fitted for r in batch])
         except (ValueError, RuntimeError, ImageError) as exc:
-            for msg, req, _ in valid:
-                self._reject(msg, "model_error", f"cloud model failed: {exc}", req)
+            for r in batch:
+                self._reject(r.msg, "model_error", f"cloud model failed: {exc}", r.req)
             return
         self.counters.inc("batches")
-        for (msg, req, _), label, conf in zip(valid, labels, confs):
-            corr = protocol.Correction(req.sample_id, int(label), self.model.card.labels[int(label)], float(conf),
-                                       self.model.card.model_id, self.worker_id)
-            self._reply(msg, req.response_topic, req.correlation_data, protocol.encode_correction(corr))
+        self.counters.inc(f"batch_size_{size_bucket(len(batch))}")
+        card = self.model.card
+        for r, label, conf in zip(batch, labels, confs):
+            corr = protocol.Correction(r.req.sample_id, int(label), card.labels[int(label)], float(conf),
+                                       card.model_id, self.worker_id)
+            self._reply(r.msg, r.req.response_topic, r.req.correlation_data, protocol.encode_correction(corr))
             self.counters.inc("corrected")
 
+    # ------------------------------------------------------------ replies (either thread)
     def _reject(self, msg: Received, code: str, message: str, req: protocol.SampleRequest | None = None) -> None:
         """Answer a bad sample with an error reply when its reply address is trustworthy; always acknowledge it."""
         assert self.link is not None
@@ -216,9 +264,25 @@ class CloudWorker:
 
     def _reply(self, msg: Received, topic: str, correlation: bytes, payload: bytes) -> None:
         assert self.link is not None
-        rc, mid = self.link.publish(topic, payload, content_type="application/json", correlation_data=correlation)
-        if rc not in (0, 4):
-            log.error("could not queue a reply (paho rc %d); the sample stays unacknowledged until this worker "
-                      "reconnects, and its device sends it again after outbox.resend_after_s", rc)
-            return
-        self._ack_after[mid] = msg.mid
+        # Held across publish and registration: the reply's PUBACK (handled on the intake
+        # thread) must find its sample, however fast the broker answers.
+        with self._ack_lock:
+            rc, mid = self.link.publish(topic, payload, content_type="application/json",
+                                        correlation_data=correlation)
+            if rc in (0, 4):
+                self._ack_after[mid] = msg.mid
+                return
+        log.error("could not queue a reply (paho rc %d); the sample stays unacknowledged until this worker "
+                  "reconnects, and its device sends it again after outbox.resend_after_s", rc)
+
+
+class _Ready(NamedTuple):
+    """A validated sample, decoded and fitted to the model's input, waiting for a batch."""
+
+    msg: Received
+    req: protocol.SampleRequest
+    fitted: np.ndarray
+
+
+def _bucket_order(item: tuple[str, int]) -> int:
+    return int(item[0][len("batch_size_"):].split("-")[0]) if item[0].startswith("batch_size_") else 0

@@ -251,7 +251,7 @@ def test_a_stream_of_hostile_messages_leaves_worker_and_device_running(tmp_path,
         r = svc.result(first.sample_id)
         assert r.origin == "cloud" and r.label_name == svc.card.labels[r.label] and svc.counters.get("corrected") == 1
         # both sides are still running and still answer real samples
-        assert worker._thread.is_alive() and svc.uplink._thread.is_alive() and svc.writer._thread.is_alive()
+        assert all(t.is_alive() for t in worker._threads) and svc.uplink._thread.is_alive() and svc.writer._thread.is_alive()
         assert worker.link.connected.is_set() and svc.link.connected.is_set()
         later = [svc.classify(im) for im in fmnist["test"].images[1:6]]
         wait_for(lambda: all(svc.result(x.sample_id).state == "final" for x in later), timeout=30,

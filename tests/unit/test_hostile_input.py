@@ -267,6 +267,8 @@ def test_device_config_from_arbitrary_tables_raises_only_config_error(table):
     st.dictionaries(st.sampled_from(["model", "worker", "mqtt", "log_level", "x"]), toml_values, max_size=4),
     st.fixed_dictionaries({"model": st.just({"card": "c.json"}),
                            "worker": st.dictionaries(st.sampled_from(["id", "group", "batch_max", "batch_wait_ms",
+                                                                      "max_batch_size", "max_queue_delay_us",
+                                                                      "preferred_batch_sizes", "decode_threads",
                                                                       "max_payload_bytes", "max_pixels"]),
                                                      toml_values, max_size=3)})))
 def test_worker_config_from_arbitrary_tables_raises_only_config_error(table):
@@ -459,7 +461,11 @@ def test_hostile_samples_never_raise_and_every_one_is_answered_or_acknowledged(e
     msgs = [Received(e["topic"], img if i % 2 else e["payload"], 1, i + 1, e["content_type"], e["response_topic"],
                      e["correlation_data"], e["user_properties"] or [])
             for i, (e, img) in enumerate(zip(envs, images))]
-    w._process(msgs)
+    for m in msgs:                       # the intake thread's steps: validate, decode, queue or reject
+        w.link.events.put(m)
+        w._take_event(timeout=0)
+    while len(w.queue):                  # the model thread's: run what was queued, reply
+        w._run_batch(w.queue.take(timeout=0))
     # every reply goes to the sender's own corrections topic, with its correlation data
     for topic, payload, cd in w.link.published:
         device = topic.split("/")[1]
