@@ -337,7 +337,10 @@ class IsolatedBackend:
             first = f"the inference child (pid {child.pid}) {gone}"
             self._retire(child, first)
             # The input in flight: once more, on a fresh child, if one can start at once.
-            child = self._ready_child()
+            try:
+                child = self._ready_child()
+            except BackendUnavailable as exc:
+                raise BackendUnavailable(f"{first}; no fresh child could take the input ({exc})") from None
             self._inc("inference_retries")
             try:
                 out = self._run_on(child, tensor)

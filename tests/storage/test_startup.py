@@ -166,6 +166,45 @@ def test_a_schema_2_store_is_upgraded_in_place(tmp_path):
     s.close()
 
 
+def _v3_store(db: Path) -> None:
+    """A schema 3 store as the release before schema 4 left it: results without backend/fallback."""
+    from edge_infer.storeschema import migrate
+    db.parent.mkdir(exist_ok=True)
+    con = sqlite3.connect(db, isolation_level=None)
+    migrate(con, 60.0)
+    con.execute("ALTER TABLE results DROP COLUMN fallback")
+    con.execute("ALTER TABLE results DROP COLUMN backend")
+    con.execute("INSERT INTO results (sample_id, created_at, source, model, edge_label, edge_conf, label, label_name, "
+                "confidence, origin, state, offloaded, pub_seq, acked_seq) "
+                "VALUES ('old', 1, '', 'm', 1, .5, 1, 'b', .5, 'edge', 'final', 0, 1, 1)")
+    con.execute("PRAGMA user_version = 3")
+    con.close()
+
+
+def test_a_schema_3_store_is_read_as_it_is_then_upgraded_to_4(tmp_path):
+    """Results before schema 4 did not record their backend: read as '' and not fallback, before and after."""
+    from edge_infer.result import Result
+    db = tmp_path / "state" / "edge-infer.db"
+    _v3_store(db)
+    ro = Store(db)
+    ro.open(requeue=False)                    # `edge-infer status` on a store an older release wrote
+    old = ro.get_result("old")
+    assert old.backend == "" and old.fallback is False
+    ro.close()
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == 3   # a look writes nothing
+    s = Store(db)
+    s.open()
+    assert any("upgraded from schema 3 to 4" in n for n in s.report.notices)
+    new = Result(sample_id="new", label=2, label_name="c", confidence=.4, origin="edge", state="final",
+                 offloaded=False, edge_label=2, edge_confidence=.4, model_id="m", created_at=2.0,
+                 backend="tflite-cpu", fallback=True)
+    s.record_many([(new, None)])
+    assert s.get_result("old").backend == "" and s.get_result("new") == new
+    assert s.counts()["results"] == 2
+    s.close()
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == 4
+
+
 V2_SCHEMA = """
 CREATE TABLE results (sample_id TEXT PRIMARY KEY, created_at REAL NOT NULL, source TEXT NOT NULL,
     model TEXT NOT NULL, edge_label INTEGER NOT NULL, edge_conf REAL NOT NULL, label INTEGER NOT NULL,
