@@ -22,6 +22,8 @@ class CloudModelConfig:
     graph_optimization: str = option("all", help="onnxruntime graph optimisation: disabled, basic, extended, all",
                                      check=one_of("disabled", "basic", "extended", "all"))
     device_id: int = option(0, help="GPU index for the cuda and tensorrt providers", check=in_range(0, 64))
+    spin_wait: bool = option(False, help="let onnxruntime's threads spin between runs: a little faster back to back, "
+                                         "but an idle worker then burns its cores")
 
     def __post_init__(self) -> None:
         from .model import PROVIDERS

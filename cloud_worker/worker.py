@@ -79,7 +79,8 @@ class CloudWorker:
             raise RuntimeError("CloudWorker.start() called twice")
         m = self.cfg.model
         self.model = CloudModel(m.card, m.intra_op_threads, providers=m.providers,
-                                graph_optimization=m.graph_optimization, device_id=m.device_id)
+                                graph_optimization=m.graph_optimization, device_id=m.device_id,
+                                spin_wait=m.spin_wait)
         topic = protocol.shared_samples_filter(self.cfg.mqtt.topic_prefix, self.cfg.worker.group)
         self.status_topic = protocol.worker_status_topic(self.cfg.mqtt.topic_prefix, self.worker_id)
         # A clean, non-persistent session: a stopped worker must not keep a share of the

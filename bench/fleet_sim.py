@@ -1,0 +1,458 @@
+#!/usr/bin/env python3
+"""Fleet simulator: N simulated devices against a real local Mosquitto and K real cloud workers.
+
+    .venv/bin/python bench/fleet_sim.py [--devices 1000] [--queued 3000] [--repeats 3]
+                                        [--loads 50,100,200,400,800,1200] [--out out/fleet-sim]
+
+Each simulated device is its own MQTT v5 client (own client id, own samples and
+corrections topics, QoS 1 both ways, the sample's properties exactly as the
+device sends them: tests/unit checks those against paho), all driven by one
+selector loop in this process so that 1,000 of them cost no threads. Payloads
+are real Fashion-MNIST test images encoded as the device encodes them. Workers
+are real `edge-infer-cloud-worker` processes in one shared-subscription group.
+
+It prints, measured in this one run (min/median/max over --repeats where repeated):
+  1. worker/bare: corrections/s of one worker draining --queued samples queued in the
+     broker (workers SIGSTOPped while they are published, then resumed) against bare
+     onnxruntime on the same decoded images at the same batch size and threads;
+  2. batching gain: the same drain with max_batch_size 32 against 1;
+  3. scaling: 2 workers against 1 (one onnxruntime thread each);
+  4. latency against offered load (1 worker, defaults): p50/p95/p99 of the time from a
+     device's publish to its correction, throughput, broker and worker CPU, and the load
+     where latency knees (p50 above twice the lowest load's, or throughput below 95%
+     of offered);
+  5. low-load latency: dynamic batching against batch 1 and against a fixed 5 ms wait;
+and counts lost, duplicated and misrouted corrections over everything (all must be 0).
+Writes fleet-sim.json and fleet-sim.png (latency and throughput against offered load).
+The simulator, the broker and the workers share this machine's cores: on a 2-core
+machine the simulated devices' own MQTT work competes with the worker it measures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import selectors
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import paho.mqtt.client as mqtt  # noqa: E402
+
+from edge_infer import protocol  # noqa: E402
+from edge_infer.mqtt_link import PackedProperties, pack_publish_properties  # noqa: E402
+from edge_infer.preprocess import encode_sample  # noqa: E402
+from edge_infer.tools.datasets import load_fashion_mnist  # noqa: E402
+from edge_infer.tools.localbroker import LocalBroker, stop_process  # noqa: E402
+
+CLOUD_CARD = REPO / "models" / "fmnist-cloud-v1" / "card.json"
+PREFIX = "edge-infer"
+GROUP = "sim"
+BIN = Path(sys.executable).parent
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Tally:
+    sent: dict[str, float] = field(default_factory=dict)          # sample id -> publish time
+    owner: dict[str, str] = field(default_factory=dict)           # sample id -> device id
+    got: dict[str, float] = field(default_factory=dict)           # sample id -> first correction time
+    duplicated: int = 0
+    misrouted: int = 0
+    errors: int = 0
+
+    def latencies(self, ids: list[str]) -> np.ndarray:
+        return np.array([self.got[i] - self.sent[i] for i in ids if i in self.got])
+
+
+class Fleet:
+    """N device clients on one selector loop."""
+
+    def __init__(self, n: int, port: int, payloads: list[tuple[bytes, str]], run: str) -> None:
+        self.tally = Tally()
+        self.payloads = payloads
+        self.sel = selectors.DefaultSelector()
+        self.clients: list[mqtt.Client] = []
+        self.devices = [f"sim{run}-{i:04d}" for i in range(n)]
+        self._dirty: set[mqtt.Client] = set()
+        self._seq = 0
+        for dev in self.devices:
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=dev, protocol=mqtt.MQTTv5)
+            c.user_data_set(dev)
+            c.on_message = self._on_message
+            c.max_inflight_messages_set(1000)
+            c.connect("127.0.0.1", port, keepalive=120)
+            self.sel.register(c.socket(), selectors.EVENT_READ, c)
+            c.subscribe(protocol.Topics(PREFIX, dev).corrections, qos=1)
+            self.clients.append(c)
+            self._dirty.add(c)
+        self.pump(until=lambda: False, seconds=1.0)
+
+    def _on_message(self, client: mqtt.Client, dev: str, msg: mqtt.MQTTMessage) -> None:
+        now = time.monotonic()
+        sid = (getattr(msg.properties, "CorrelationData", None) or b"").decode("ascii", "replace")
+        if sid not in self.tally.owner or self.tally.owner[sid] != dev or not msg.topic.startswith(f"{PREFIX}/{dev}/"):
+            self.tally.misrouted += 1
+            return
+        if b'"error"' in msg.payload:
+            self.tally.errors += 1
+        if sid in self.tally.got:
+            self.tally.duplicated += 1
+        else:
+            self.tally.got[sid] = now
+
+    def send(self) -> str:
+        """One sample from the next device (round robin), with the device's properties."""
+        i = self._seq
+        self._seq += 1
+        c = self.clients[i % len(self.clients)]
+        dev = self.devices[i % len(self.devices)]
+        sid = f"{i:024x}"
+        payload, ctype = self.payloads[i % len(self.payloads)]
+        meta = protocol.SampleMeta(sid, dev, "fmnist-edge:1.0.0", 0, 0.5, time.time())
+        props = PackedProperties(pack_publish_properties(ctype, protocol.Topics(PREFIX, dev).corrections,
+                                                         sid.encode(), protocol.sample_properties(meta)))
+        self.tally.sent[sid] = time.monotonic()
+        self.tally.owner[sid] = dev
+        c.publish(protocol.Topics(PREFIX, dev).samples, payload, qos=1, properties=props)
+        self._dirty.add(c)
+        return sid
+
+    def pump(self, until, seconds: float) -> None:
+        """Run the network loop until ``until()`` or ``seconds`` passed."""
+        deadline = time.monotonic() + seconds
+        misc = 0.0
+        while time.monotonic() < deadline and not until():
+            self._step(0.005)
+            if time.monotonic() > misc:
+                for c in self.clients:
+                    c.loop_misc()
+                misc = time.monotonic() + 1.0
+
+    def _step(self, timeout: float) -> None:
+        for c in list(self._dirty):
+            if c.want_write():
+                c.loop_write()
+            else:
+                self._dirty.discard(c)
+        for key, _ in self.sel.select(timeout):
+            c = key.data
+            c.loop_read()
+            self._dirty.add(c)
+
+    def paced(self, rate: float, seconds: float) -> list[str]:
+        """Offer ``rate`` samples/s for ``seconds`` (spread over the devices); returns the ids sent."""
+        ids: list[str] = []
+        t0 = time.monotonic()
+        total = int(rate * seconds)
+        while len(ids) < total:
+            due = t0 + len(ids) / rate
+            now = time.monotonic()
+            if now >= due:
+                ids.append(self.send())
+            else:
+                self._step(min(0.005, due - now))
+        return ids
+
+    def burst(self, n: int) -> list[str]:
+        ids = []
+        for _ in range(n):
+            ids.append(self.send())
+            if len(ids) % 50 == 0:
+                self._step(0)
+        return ids
+
+    def wait_answered(self, ids: list[str], timeout: float) -> None:
+        self.pump(until=lambda: all(i in self.tally.got for i in ids), seconds=timeout)
+
+    def close(self) -> None:
+        for c in self.clients:
+            try:
+                c.disconnect()
+                c.loop_write()
+            except (OSError, ValueError):
+                pass
+            c.socket() and c.socket().close()
+
+
+class Workers:
+    """K edge-infer-cloud-worker processes in the group GROUP."""
+
+    def __init__(self, tmp: Path, port: int, k: int, *, threads: int = 0, batch: int = 32,
+                 delay_us: float = 0.0, spin: bool = False, tag: str = "w") -> None:
+        self.procs: list[subprocess.Popen] = []
+        for j in range(k):
+            cfg = tmp / f"{tag}{j}.toml"
+            cfg.write_text(f'[model]\ncard = "{CLOUD_CARD}"\nintra_op_threads = {threads}\n'
+                           f'spin_wait = {str(spin).lower()}\n'
+                           f'[worker]\nid = "{tag}{j}"\ngroup = "{GROUP}"\nmax_batch_size = {batch}\n'
+                           f'max_queue_delay_us = {delay_us}\nstatus_interval_s = 3600\n'
+                           f'[mqtt]\nport = {port}\n')
+            self.procs.append(subprocess.Popen([str(BIN / "edge-infer-cloud-worker"), "run", "--config", str(cfg)],
+                                               stdout=open(tmp / f"{tag}{j}.log", "w"), stderr=subprocess.STDOUT))
+        self.ids = [f"{tag}{j}" for j in range(k)]
+
+    def wait_online(self, port: int, timeout: float = 60) -> None:
+        online: set[str] = set()
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"sim-watch-{time.monotonic_ns()}",
+                        protocol=mqtt.MQTTv5)
+
+        def on_message(cl, u, m):
+            try:
+                st = json.loads(m.payload)
+            except ValueError:
+                return
+            if st.get("state") == "online":
+                online.add(st.get("worker"))
+
+        c.on_message = on_message
+        c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(f"{PREFIX}/_workers/+/status", 1)
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        deadline = time.monotonic() + timeout
+        while not set(self.ids) <= online and time.monotonic() < deadline:
+            time.sleep(0.05)
+        c.disconnect()
+        c.loop_stop()
+        if not set(self.ids) <= online:
+            raise RuntimeError(f"workers {sorted(set(self.ids) - online)} did not come online")
+        time.sleep(0.3)        # their subscriptions are made before "online"; give the broker a moment
+
+    def signal(self, sig: int) -> None:
+        for p in self.procs:
+            p.send_signal(sig)
+
+    def cpu(self) -> float:
+        return sum(cpu_seconds(p.pid) for p in self.procs)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            stop_process(p, timeout=10)
+
+
+def bare_rate(images: np.ndarray, batch: int, threads: int, repeats: int) -> list[float]:
+    """Images/s of onnxruntime alone on the decoded, fitted images (what a worker feeds it), with
+    onnxruntime's defaults (its threads spin between runs: the faster, harder baseline)."""
+    from edge_infer_cloud.model import CloudModel
+    model = CloudModel(CLOUD_CARD, threads, spin_wait=True)
+    fitted = [model.pre.fit(im) for im in images]
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(0, len(fitted), batch):
+            model.predict_fitted_batch(fitted[i:i + batch])
+        rates.append(len(fitted) / (time.perf_counter() - t0))
+    return rates
+
+
+def drain_rate(fleet: Fleet, workers: Workers, n: int, timeout: float = 120) -> float:
+    """Corrections/s while ``workers`` drain ``n`` samples queued for them in the broker."""
+    workers.signal(signal.SIGSTOP)
+    try:
+        ids = fleet.burst(n)
+        fleet.pump(until=lambda: not any(c.want_write() for c in fleet.clients), seconds=30)
+        fleet.pump(until=lambda: False, seconds=0.5)          # the broker has them all
+    finally:
+        workers.signal(signal.SIGCONT)
+    t0 = time.monotonic()
+    fleet.wait_answered(ids, timeout)
+    answered = [fleet.tally.got[i] for i in ids if i in fleet.tally.got]
+    if len(answered) < n:
+        raise RuntimeError(f"only {len(answered)} of {n} queued samples were answered within {timeout}s")
+    return n / (max(answered) - t0)
+
+
+def mmm(xs: list[float]) -> dict[str, float]:
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs)}
+
+
+def fmt(d: dict[str, float], unit: str = "", digits: int = 0) -> str:
+    return "/".join(f"{d[k]:.{digits}f}" for k in ("min", "median", "max")) + unit
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--devices", type=int, default=1000)
+    ap.add_argument("--queued", type=int, default=3000, help="samples queued for each drain measurement")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--loads", default="50,100,200,400,800,1200,1600", help="offered samples/s, comma separated")
+    ap.add_argument("--step-s", type=float, default=4.0, help="seconds per offered load")
+    ap.add_argument("--out", type=Path, default=REPO / "out" / "fleet-sim")
+    a = ap.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * a.devices + 256)), hard))
+    a.out.mkdir(parents=True, exist_ok=True)
+    test = load_fashion_mnist("t10k")
+    images = test.images[:2000]
+    payloads = [encode_sample(im) for im in images]
+    report: dict = {"devices": a.devices, "queued": a.queued, "repeats": a.repeats, "cores": os.cpu_count()}
+
+    print(f"bare onnxruntime on {len(images)} decoded images ...", flush=True)
+    bare32 = bare_rate(images, 32, 0, a.repeats)
+    bare32_1t = bare_rate(images, 32, 1, a.repeats)
+    report["bare_images_per_s"] = {"batch32": mmm(bare32), "batch32_1thread": mmm(bare32_1t)}
+
+    with tempfile.TemporaryDirectory(prefix="fleet-sim-") as d:
+        tmp = Path(d)
+        broker = LocalBroker(tmp / "broker").start()
+        fleet = None
+        try:
+            t0 = time.monotonic()
+            fleet = Fleet(a.devices, broker.port, payloads, run=str(os.getpid() % 1000))
+            print(f"{a.devices} simulated devices connected and subscribed in {time.monotonic() - t0:.1f}s",
+                  flush=True)
+
+            def drains(tag: str, k: int, **kw) -> list[float]:
+                w = Workers(tmp, broker.port, k, tag=tag, **kw)
+                try:
+                    w.wait_online(broker.port)
+                    fleet.pump(until=lambda: False, seconds=0.5)
+                    return [drain_rate(fleet, w, a.queued) for _ in range(a.repeats)]
+                finally:
+                    w.stop()
+
+            print("draining queued samples: 1 worker, batch 32 ...", flush=True)
+            w32 = drains("d32-", 1)
+            print("... batch 32, onnxruntime threads spinning ...", flush=True)
+            w32s = drains("d32s-", 1, spin=True)
+            print("... batch 1 ...", flush=True)
+            w1 = drains("d1-", 1, batch=1)
+            print("... 1 and 2 workers with one onnxruntime thread each ...", flush=True)
+            s1 = drains("s1-", 1, threads=1)
+            s2 = drains("s2-", 2, threads=1)
+            report["drain_corrections_per_s"] = {"1worker_batch32": mmm(w32), "1worker_batch32_spin": mmm(w32s),
+                                                 "1worker_batch1": mmm(w1),
+                                                 "1worker_1thread": mmm(s1), "2workers_1thread": mmm(s2)}
+
+            # --- latency against offered load ---------------------------------------------------------------
+            loads = [float(x) for x in a.loads.split(",")]
+            steps = []
+            w = Workers(tmp, broker.port, 1, tag="lat-")
+            try:
+                w.wait_online(broker.port)
+                for rate in loads:
+                    b0, w0, t0 = cpu_seconds(broker.proc.pid), w.cpu(), time.monotonic()
+                    ids = fleet.paced(rate, a.step_s)
+                    fleet.wait_answered(ids, 30)
+                    took = time.monotonic() - t0
+                    lat = fleet.tally.latencies(ids) * 1000
+                    answered = [fleet.tally.got[i] for i in ids if i in fleet.tally.got]
+                    span = (max(answered) - fleet.tally.sent[ids[0]]) if answered else float("nan")
+                    step = {"offered_per_s": rate, "sent": len(ids), "answered": len(lat),
+                            "throughput_per_s": len(answered) / span if answered else 0.0,
+                            "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
+                            "p99_ms": float(np.percentile(lat, 99)),
+                            "broker_cpu_share": (cpu_seconds(broker.proc.pid) - b0) / took,
+                            "worker_cpu_share": (w.cpu() - w0) / took}
+                    steps.append(step)
+                    print(f"  offered {rate:6.0f}/s: {step['throughput_per_s']:7.1f}/s answered, latency p50 "
+                          f"{step['p50_ms']:6.1f} p95 {step['p95_ms']:6.1f} p99 {step['p99_ms']:6.1f} ms, broker "
+                          f"{step['broker_cpu_share']:.0%} worker {step['worker_cpu_share']:.0%} of a core",
+                          flush=True)
+                    if step["p50_ms"] > 2000:
+                        break            # far past the knee: the rest would only measure the queue
+            finally:
+                w.stop()
+            report["latency_vs_load"] = steps
+            base = steps[0]["p50_ms"]
+            knee = next((s["offered_per_s"] for s in steps
+                         if s["p50_ms"] > 2 * base or s["throughput_per_s"] < 0.95 * s["offered_per_s"]), None)
+            report["knee_offered_per_s"] = knee
+
+            # --- low load: dynamic batching vs batch 1 vs a fixed 5 ms wait ------------------------------------
+            low = {}
+            for tag, kw in (("dynamic", {}), ("batch1", {"batch": 1}), ("fixed5ms", {"delay_us": 5000})):
+                w = Workers(tmp, broker.port, 1, tag=f"low-{tag}-", **kw)
+                try:
+                    w.wait_online(broker.port)
+                    ids = fleet.paced(50, a.step_s)
+                    fleet.wait_answered(ids, 30)
+                    lat = fleet.tally.latencies(ids) * 1000
+                    low[tag] = {"p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+                finally:
+                    w.stop()
+            report["low_load_50_per_s"] = low
+            t = fleet.tally
+            report["lost"] = sum(1 for i in t.sent if i not in t.got)
+            report["duplicated"], report["misrouted"], report["error_replies"] = t.duplicated, t.misrouted, t.errors
+            report["samples_sent"] = len(t.sent)
+        finally:
+            if fleet is not None:
+                fleet.close()
+            broker.stop()
+
+    d = report["drain_corrections_per_s"]
+    bare = report["bare_images_per_s"]
+    ratio = mmm([x / statistics.median(bare32) for x in w32])
+    report["worker_over_bare"] = ratio
+    report["worker_spin_over_bare"] = mmm([x / statistics.median(bare32) for x in w32s])
+    report["batching_gain"] = mmm([x / statistics.median(w1) for x in w32])
+    report["scaling_2_over_1"] = mmm([x / statistics.median(s1) for x in s2])
+    (a.out / "fleet-sim.json").write_text(json.dumps(report, indent=2))
+    plot(report, a.out / "fleet-sim.png")
+
+    low = report["low_load_50_per_s"]
+    print(f"\n=== fleet simulator: {a.devices} devices, {report['cores']} cores, min/median/max over {a.repeats} ===")
+    print(f"bare onnxruntime batch 32:       {fmt(bare['batch32'], ' images/s')}")
+    print(f"worker draining {a.queued} queued: {fmt(d['1worker_batch32'], ' corrections/s')}")
+    print(f"worker / bare:                   {fmt(ratio, '', 2)}  (with spinning threads: "
+          f"{fmt(mmm([x / statistics.median(bare32) for x in w32s]), '', 2)})")
+    print(f"batching gain (32 vs batch 1):   {fmt(report['batching_gain'], 'x', 2)}  "
+          f"(batch 1: {fmt(d['1worker_batch1'], '/s')})")
+    print(f"2 workers / 1 (1 thread each):   {fmt(report['scaling_2_over_1'], 'x', 2)}  "
+          f"(1: {fmt(d['1worker_1thread'], '/s')}, 2: {fmt(d['2workers_1thread'], '/s')})")
+    print(f"latency knee at offered:         {report['knee_offered_per_s']} samples/s")
+    print(f"low load (50/s) p50/p99 ms:      dynamic {low['dynamic']['p50_ms']:.1f}/{low['dynamic']['p99_ms']:.1f}, "
+          f"batch 1 {low['batch1']['p50_ms']:.1f}/{low['batch1']['p99_ms']:.1f}, "
+          f"fixed 5 ms wait {low['fixed5ms']['p50_ms']:.1f}/{low['fixed5ms']['p99_ms']:.1f}")
+    print(f"samples {report['samples_sent']}: lost {report['lost']}, duplicated {report['duplicated']}, "
+          f"misrouted {report['misrouted']}, error replies {report['error_replies']}")
+    print(f"wrote {a.out / 'fleet-sim.json'} and {a.out / 'fleet-sim.png'}")
+    return 0 if report["lost"] == report["duplicated"] == report["misrouted"] == 0 else 1
+
+
+def plot(report: dict, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    steps = report["latency_vs_load"]
+    x = [s["offered_per_s"] for s in steps]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("p50_ms", "p95_ms", "p99_ms"):
+        ax1.plot(x, [s[key] for s in steps], marker="o", label=key[:3])
+    ax1.set_xlabel("offered samples/s")
+    ax1.set_ylabel("correction latency (ms)")
+    ax1.set_yscale("log")
+    ax1.legend()
+    ax1.set_title(f"{report['devices']} devices, 1 worker")
+    ax2.plot(x, [s["throughput_per_s"] for s in steps], marker="o", label="answered/s")
+    ax2.plot(x, x, linestyle="--", color="grey", label="offered")
+    ax2.set_xlabel("offered samples/s")
+    ax2.set_ylabel("corrections/s")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
