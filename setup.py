@@ -38,11 +38,14 @@ setup(
         # the fleet: Ansible roles in deploy/ansible (community.docker's nsenter connection for the fleet test)
         "fleet": ["ansible>=10,<13", "ansible-lint>=24"],
         "systemd": ["systemd-python>=234"],
+        # Prometheus metrics ([metrics] enabled = true on the device and the worker; docs/operations.md)
+        "metrics": ["prometheus_client>=0.20"],
         # progress bars in the tools (demo, calibrate, model evaluation); never a device dependency
         "tools": TOOLS,
         # `edge-infer calibrate` draws the offload curve (an ML engineer's tool, not a device dependency)
         "calibrate": ["matplotlib>=3.6", *TOOLS],
-        "dev": ["pytest>=8", "ruff>=0.5", "systemd-python>=234", "hypothesis>=6.100", "cryptography>=42", *TOOLS],
+        "dev": ["pytest>=8", "ruff>=0.5", "systemd-python>=234", "hypothesis>=6.100", "cryptography>=42",
+                "prometheus_client>=0.20", *TOOLS],
     },
     entry_points={
         "console_scripts": [

@@ -6,6 +6,7 @@ See docs/configuration.md for the reference (generated from these classes).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -236,6 +237,55 @@ class StoreConfig:
                                                  "the store exits 2 for the operator)", check=positive)
 
 
+_HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` or ``"[IPV6]:PORT"`` -> (host, port); ValueError saying what is wrong.
+
+    The host must be given: an empty one would listen on every interface by accident
+    (say 0.0.0.0 or [::] to mean it). Port 0 picks a free port (tests)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError('must be HOST:PORT with a port 0-65535, e.g. "127.0.0.1:9464" ([::1]:9464 for IPv6)')
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"{host} is not an IPv6 address") from None
+        return host[1:-1], int(port)
+    if ":" in host:
+        raise ValueError(f"an IPv6 address goes in brackets: [{host}]:{port}")
+    if not host:
+        raise ValueError(f'no host: "127.0.0.1:{port}" serves this machine only; "0.0.0.0:{port}" every interface '
+                         "(exposes the metrics to the network: firewall it)")
+    if host.replace(".", "").isdigit():
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"{host} is not an IPv4 address") from None
+    elif not _HOST_RE.fullmatch(host):
+        raise ValueError(f"{host!r} is neither an IP address nor a host name")
+    return host, int(port)
+
+
+def listen_address(value: str) -> str | None:
+    try:
+        parse_listen(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    enabled: bool = option(False, help="serve Prometheus metrics on http://<listen>/metrics (needs the `metrics` "
+                                       "extra, prometheus_client; docs/operations.md)")
+    listen: str = option("127.0.0.1:9464", help="HOST:PORT of the metrics server; the default serves this machine "
+                                                "only (scrape through an agent on the device, or give the address "
+                                                "of a firewalled interface; docs/security.md)", check=listen_address)
+
+
 @dataclass(frozen=True, kw_only=True)
 class DeviceConfig:
     device_id: str = option(help="this device's id; it names its MQTT topics", check=topic_safe_id)
@@ -248,6 +298,7 @@ class DeviceConfig:
     spool: SpoolConfig = option(factory=SpoolConfig, help="[spool] table")
     results: ResultsConfig = option(factory=ResultsConfig, help="[results] table")
     store: StoreConfig = option(factory=StoreConfig, help="[store] table")
+    metrics: MetricsConfig = option(factory=MetricsConfig, help="[metrics] table")
     log_level: str = option("INFO", help="DEBUG, INFO, WARNING or ERROR",
                             check=one_of("DEBUG", "INFO", "WARNING", "ERROR"))
 

@@ -20,7 +20,7 @@ import random
 import sqlite3
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -42,6 +42,9 @@ from .storehealth import StoreHealth
 from .storeschema import OUTBOX_STATES
 from .uplink import Uplink
 from .writer import StoreWriter
+
+if TYPE_CHECKING:
+    from .metrics import DeviceMetrics
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,9 @@ class EdgeService:
         self.spool: SpoolWatcher | None = None
         self._started_at = 0.0
         self._last_counts: dict[str, int] = {}
+        #: [metrics]: the Prometheus registry and server (device/metrics.py), and its per-input call
+        self.metrics: DeviceMetrics | None = None
+        self._observe_inference: Callable[[float], None] | None = None
 
     # ------------------------------------------------------------ the rooms, for tools and tests
     @property
@@ -109,6 +115,9 @@ class EdgeService:
         """
         if self._started_at:
             raise RuntimeError("EdgeService.start() called twice")
+        if self.cfg.metrics.enabled:
+            from .metrics import require_prometheus
+            require_prometheus()   # ConfigError (exit 2) before anything is loaded: what to install
         check_tls_identity(self.cfg.mqtt.tls, self.cfg.device_id)   # IdentityError (exit 2): not this device's certificate
         self.classifier.start()
         try:
@@ -133,12 +142,26 @@ class EdgeService:
                                       seen=self._seen, poll_interval_s=self.cfg.spool.poll_interval_s,
                                       max_file_bytes=self.cfg.spool.max_file_bytes, settle_s=self.cfg.spool.settle_s)
             self.spool.start()
+        if self.cfg.metrics.enabled:
+            self._start_metrics()
         log.info("edge-infer %s ready: device %s, model %s (%s), threshold %.4f, broker %s:%d",
                  __version__, self.cfg.device_id, self.card.model_id, self.classifier.runtime,
                  self.policy.threshold, self.cfg.mqtt.host, self.cfg.mqtt.port)
 
+    def _start_metrics(self) -> None:
+        from .metrics import DeviceMetrics
+        try:
+            metrics = DeviceMetrics(self)
+            metrics.start()   # ConfigError (exit 2): the address cannot be listened on
+        except BaseException:
+            self.stop()
+            raise
+        self.metrics, self._observe_inference = metrics, metrics.observe_inference
+
     def stop(self) -> None:
         """Finish the current input, store what was answered, publish the offline status, close. Idempotent."""
+        if self.metrics is not None:
+            self.metrics.stop()   # first: no scrape reads a closing service
         if self.spool is not None:
             self.spool.stop()
             self.spool = None
@@ -184,7 +207,10 @@ class EdgeService:
 
     def _classify(self, pixels: np.ndarray, source: str, encoded: tuple[bytes, str] | None,
                   wait_for_cloud: float = 0.0, source_key: str = "") -> Result:
+        t0 = time.perf_counter()
         inf = self.classifier.infer(pixels)
+        if self._observe_inference is not None:
+            self._observe_inference(time.perf_counter() - t0)
         now = time.time()
         # Time-ordered and unique: sortable by creation, appends at the end of the store's index.
         sample_id = f"{time.time_ns():x}{os.urandom(4).hex()}"

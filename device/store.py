@@ -36,8 +36,8 @@ from .storerecords import ApplyOutcome, Due, OpenReport, OutboxItem, RecordOutco
 from .storesql import (
     CHUNK, DUPLICATE_CORRECTION, DUPLICATE_ERROR, EVICTABLE, EXPIRABLE, KEPT_INDEX, NEW, RESULT_COLS, RESULT_COLS_BEFORE_4,
     SQL_ACKED, SQL_CORRECT, SQL_CORRECT_KEEP, SQL_DROP_ALL_KEPT, SQL_DROP_KEPT, SQL_ERROR, SQL_EVICT, SQL_EXPIRE,
-    SQL_KEPT_INDEX, SQL_KEPT_OLDEST, SQL_PRUNE_OUTBOX, SQL_QUEUED, SQL_REFUSED, SQL_REQUEUE, SQL_RESEND, SQL_SENT,
-    UNSENT,
+    SQL_KEPT_INDEX, SQL_KEPT_OLDEST, SQL_OLDEST, SQL_PRUNE_OUTBOX, SQL_QUEUED, SQL_REFUSED, SQL_REQUEUE, SQL_RESEND,
+    SQL_SENT, UNSENT,
 )
 
 log = logging.getLogger(__name__)
@@ -384,6 +384,12 @@ class Store:
     def outbox_counts(self) -> dict[str, int]:
         c = self.counts()
         return {s: c.get(f"outbox.{s}", 0) for s in OUTBOX_STATES}
+
+    def waiting_since(self) -> dict[str, float | None]:
+        """The creation time of the oldest sample queued, in flight and delivered (None: none): O(log n)."""
+        with self._read() as db:
+            return {state: (row[0] if (row := db.execute(sql).fetchone()) else None)
+                    for state, sql in SQL_OLDEST.items()}
 
     def outbox_state(self, sample_id: str) -> tuple[str, str | None] | None:
         with self._read() as db:

@@ -43,6 +43,11 @@ DUPLICATE_ERROR = (_S.CORRECTED.value, _S.FAILED.value)
 
 SQL_REQUEUE = (f"UPDATE outbox SET state={_into(_S.QUEUED, _S.INFLIGHT)}, updated_at=? "
                 f"WHERE state={sql_states(_S.INFLIGHT)}")
+#: states a sample waits in for its correction; the oldest of each (metrics: age of the oldest waiting sample)
+#: is one seek of outbox_state: seq grows with created_at, and a sample keeps its seq when it is queued again
+WAITING = (_S.QUEUED, _S.INFLIGHT, _S.DELIVERED)
+SQL_OLDEST = {s.value: f"SELECT created_at FROM outbox INDEXED BY outbox_state WHERE state={sql_states(s)} "
+                       "ORDER BY seq LIMIT 1" for s in WAITING}
 SQL_QUEUED = ("SELECT sample_id, created_at, content_type, payload, user_props, result_seq FROM outbox "
                f"WHERE state={sql_states(_S.QUEUED)} ORDER BY seq LIMIT ?")
 SQL_SENT = (f"UPDATE outbox SET state={_into(_S.INFLIGHT, _S.QUEUED)}, attempts=attempts+1, updated_at=? "

@@ -36,6 +36,7 @@ def _exercise(store: Store) -> None:
     store.counts()
     store.outbox_counts()
     store.unpublished_count()
+    store.waiting_since()
     store.prune_results(keep=10)
     store.get_result("s010")
     store.outbox_state("s010")
