@@ -6,7 +6,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_infer.config import ConfigError, MqttConfig, topic_safe_id
+from edge_infer.config import ConfigError, MetricsConfig, MqttConfig, listen_address, topic_safe_id
 from edge_infer.tomlcfg import build, in_range, load_toml, one_of, option, positive, resolve_paths
 
 from .batcher import BatchPolicy
@@ -77,10 +77,20 @@ class WorkerSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WorkerMetricsConfig(MetricsConfig):
+    """The device's [metrics] table, on its own port by default (a worker may share a host with a device)."""
+
+    listen: str = option("127.0.0.1:9465", help="HOST:PORT of the metrics server; the default serves this machine "
+                                                "only: give the address Prometheus reaches, behind a firewall "
+                                                "(docs/security.md)", check=listen_address)
+
+
+@dataclass(frozen=True, kw_only=True)
 class WorkerConfig:
     model: CloudModelConfig = option(help="[model] table")
     worker: WorkerSection = option(factory=WorkerSection, help="[worker] table")
     mqtt: MqttConfig = option(factory=MqttConfig, help="[mqtt] table")
+    metrics: WorkerMetricsConfig = option(factory=WorkerMetricsConfig, help="[metrics] table")
     log_level: str = option("INFO", help="DEBUG, INFO, WARNING or ERROR")
 
     @property

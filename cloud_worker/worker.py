@@ -29,7 +29,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -41,6 +41,9 @@ from edge_infer.stats import Counters
 from .batcher import BatchQueue, size_bucket
 from .config import WorkerConfig
 from .model import CloudModel
+
+if TYPE_CHECKING:
+    from .metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +76,15 @@ class CloudWorker:
         # Monotonic time of the next status refresh (intake thread only); the first
         # status goes out on Connected, so that it already counts the connect.
         self._status_due = math.inf
+        #: [metrics]: the Prometheus registry and server (cloud_worker/metrics.py), from start()
+        self.metrics: WorkerMetrics | None = None
 
     def start(self) -> None:
         if self._threads:
             raise RuntimeError("CloudWorker.start() called twice")
+        if self.cfg.metrics.enabled:
+            from .metrics import WorkerMetrics
+            self.metrics = WorkerMetrics(self)   # ConfigError (exit 2) before the model loads: what to install
         m = self.cfg.model
         self.model = CloudModel(m.card, m.intra_op_threads, providers=m.providers,
                                 graph_optimization=m.graph_optimization, device_id=m.device_id,
@@ -100,6 +108,12 @@ class CloudWorker:
         for t in self._threads:
             t.start()
         self.link.start()
+        if self.metrics is not None:
+            try:
+                self.metrics.start()   # ConfigError (exit 2): the address cannot be listened on
+            except BaseException:
+                self.stop()
+                raise
         log.info("cloud worker %s ready: model %s (%s), group %s, broker %s:%d, batches up to %d", self.worker_id,
                  self.model.card.model_id, self.model.runtime, self.cfg.worker.group, self.cfg.mqtt.host,
                  self.cfg.mqtt.port, self.cfg.worker.batch_size)
@@ -130,6 +144,8 @@ class CloudWorker:
         self._status_due = time.monotonic() + self.cfg.worker.status_interval_s
 
     def stop(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
         self._stopping.set()
         self.queue.close()
         for t in self._threads:
@@ -224,13 +240,17 @@ class CloudWorker:
     def _run_batch(self, batch: list["_Ready"]) -> None:
         assert self.model is not None
         try:
+            started = time.perf_counter()
             labels, confs = self.model.predict_fitted_batch([r.fitted for r in batch])
+            model_s = time.perf_counter() - started
         except (ValueError, RuntimeError, ImageError) as exc:
             for r in batch:
                 self._reject(r.msg, "model_error", f"cloud model failed: {exc}", r.req)
             return
         self.counters.inc("batches")
         self.counters.inc(f"batch_size_{size_bucket(len(batch))}")
+        if self.metrics is not None:
+            self.metrics.observe_batch(len(batch), model_s)
         card = self.model.card
         for r, label, conf in zip(batch, labels, confs):
             corr = protocol.Correction(r.req.sample_id, int(label), card.labels[int(label)], float(conf),
