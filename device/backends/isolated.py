@@ -468,7 +468,7 @@ class IsolatedBackend:
         self._last_logged = ""
         if self._children > 1:
             self._inc("backend_restarts")
-            log.info("backend %s: a fresh inference child (pid %d) is up", self.name, child.pid)
+        log.info("backend %s: inference child (pid %d) is up: %s", self.name, child.pid, self.runtime)
 
     def _retire(self, child: _Child, reason: str) -> None:
         """``child`` is finished: counted and logged once (the invoking thread and the watch may both see it)."""
