@@ -60,6 +60,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         cfg = load_worker_config(args.config)
         card = load_card(cfg.model.card)
         verified_model_bytes(card)
+        if cfg.metrics.enabled:
+            from edge_infer.metrics import require_prometheus
+            require_prometheus()   # what the start refuses, refused here first
     except EdgeInferError as exc:
         print(f"{args.config}: INVALID: {exc}", file=sys.stderr)
         return exc.exit_code

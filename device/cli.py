@@ -33,6 +33,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         runtime = check_backend(cfg.model.backend, cfg.backend_options, card)
         from .identity import check_tls_identity
         check_tls_identity(cfg.mqtt.tls, cfg.device_id)   # what the start refuses, refused here first
+        if cfg.metrics.enabled:
+            from .metrics import require_prometheus
+            require_prometheus()   # likewise: prometheus_client installed
     except EdgeInferError as exc:
         print(f"{args.config}: INVALID: {exc}", file=sys.stderr)
         return exc.exit_code
