@@ -2,6 +2,8 @@
 real models, Fashion-MNIST images), checked against what happened; and what [metrics] opens and refuses."""
 from __future__ import annotations
 
+import json
+import re
 import socket
 import sys
 import threading
@@ -22,7 +24,7 @@ from edge_infer.tools.localbroker import free_port
 from edge_infer_cloud.config import WorkerMetricsConfig
 from edge_infer_cloud.worker import CloudWorker
 
-from ..conftest import drained, paho_properties, unique, wait_for
+from ..conftest import REPO, drained, paho_properties, unique, wait_for
 from .helpers import device_config, worker_config
 
 ON = MetricsConfig(enabled=True, listen="127.0.0.1:0")
@@ -128,6 +130,12 @@ def test_scraped_device_and_worker_metrics_match_what_happened(tmp_path, broker,
         assert value(w, "edge_infer_worker_error_replies_total") == 1
         assert value(w, "edge_infer_worker_queue_depth") == 0
         assert value(w, "edge_infer_worker_broker_connected") == 1
+
+        # the shipped dashboard queries only what the two programs export
+        dashboard = json.loads((REPO / "deploy" / "grafana" / "edge-infer.json").read_text())
+        queried = set(re.findall(r"\bedge_infer_\w+", json.dumps(dashboard)))
+        exported = {name for name, _ in d} | {name for name, _ in w}
+        assert len(queried) > 20 and queried <= exported, queried - exported
     finally:
         svc.stop()
         worker.stop()
