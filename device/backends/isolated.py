@@ -261,6 +261,7 @@ class IsolatedBackend:
         self._thread: threading.Thread | None = None
         self._wake_r = self._wake_w = -1
         self._round_started = 0.0
+        self._in_use: _Child | None = None
         self._chunk = 1
         #: time.monotonic() when a child last answered or came up (None: never)
         self.healthy_at: float | None = None
@@ -355,14 +356,18 @@ class IsolatedBackend:
 
     def _run_on(self, child: _Child, tensor: np.ndarray) -> np.ndarray:
         layout = child.layout
-        if tensor.shape[1:] != layout.in_shape or tensor.dtype != layout.in_dtype or not 0 < len(tensor) <= layout.capacity:
-            raise BackendError(f"input {tensor.shape} {tensor.dtype} does not fit the model's "
-                               f"{(-1, *layout.in_shape)} {layout.in_dtype} (at most {layout.capacity} at a time)")
         self._round_started = time.monotonic()
         try:
+            if tensor.shape[1:] != layout.in_shape or tensor.dtype != layout.in_dtype or \
+                    not 0 < len(tensor) <= layout.capacity:
+                raise BackendError(f"input {tensor.shape} {tensor.dtype} does not fit the model's "
+                                   f"{(-1, *layout.in_shape)} {layout.in_dtype} (at most {layout.capacity} at a time)")
             return child.run(tensor, self.settings.invoke_timeout_s)
         finally:
             self._round_started = 0.0
+            self._in_use = None
+            if child.retired:
+                self._poke()   # the watch saw it go meanwhile: it may be reaped now
 
     def _ready_child(self) -> _Child:
         """The child that answers: the current one, or the next one if it starts now (waited for, one
@@ -374,6 +379,7 @@ class IsolatedBackend:
                 if self._stopping:
                     raise BackendError(f"the isolated {self.name} backend is closed")
                 if self._child is not None:
+                    self._in_use = self._child   # not reaped (its socket closed) under a running invoke
                     return self._child
                 now = time.monotonic()
                 due = self._failed_at + self._delay()
@@ -497,7 +503,10 @@ class IsolatedBackend:
 
     def _reap(self) -> None:
         with self._cv:
-            done, self._retired = self._retired, []
+            # Closing a socket another thread polls would not wake that poll: the invoking
+            # thread's child waits until it is done with it.
+            done = [c for c in self._retired if c is not self._in_use]
+            self._retired = [c for c in self._retired if c is self._in_use]
         for child in done:
             child.close()
 
