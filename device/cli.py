@@ -31,6 +31,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         card = load_card(cfg.model.card)
         verified_model_bytes(card)
         runtime = check_backend(cfg.model.backend, cfg.backend_options, card)
+        fallback = _check_fallback(cfg, card)
         from .identity import check_tls_identity
         check_tls_identity(cfg.mqtt.tls, cfg.device_id)   # what the start refuses, refused here first
         if cfg.metrics.enabled:
@@ -39,16 +40,40 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except EdgeInferError as exc:
         print(f"{args.config}: INVALID: {exc}", file=sys.stderr)
         return exc.exit_code
-    print(f"{args.config}: OK (device {cfg.device_id}, model {card.model_id} on {cfg.model.backend} ({runtime}), "
-          f"threshold {cfg.policy.threshold}, broker {cfg.mqtt.host}:{cfg.mqtt.port})")
+    isolated = ", isolated" if cfg.model.isolated else ""
+    print(f"{args.config}: OK (device {cfg.device_id}, model {card.model_id} on {cfg.model.backend} ({runtime}"
+          f"{isolated}){fallback}, threshold {cfg.policy.threshold}, broker {cfg.mqtt.host}:{cfg.mqtt.port})")
     return 0
+
+
+def _check_fallback(cfg, card) -> str:
+    """With [model] fallback = "cpu": its card, model file and runtime, as for the model itself."""
+    if cfg.model.fallback == "none":
+        return ""
+    from .backends import check_backend
+    from .classifier import FALLBACK_BACKEND
+    from .modelcard import ModelCardError, load_card, verified_model_bytes
+    path = cfg.model.fallback_card or card.fallback_card
+    if path is None:
+        raise ModelCardError(f'model.fallback = "cpu" needs the CPU model\'s card: set [model] fallback_card, or '
+                             f'"fallback_card" in {card.path}')
+    fb = load_card(path)
+    verified_model_bytes(fb)
+    if fb.labels != card.labels:
+        raise ModelCardError(f"fallback card {fb.path} has other labels than {card.path}")
+    runtime = check_backend(FALLBACK_BACKEND, cfg.backend.get(FALLBACK_BACKEND), fb)
+    return f", fallback {fb.model_id} on {FALLBACK_BACKEND} ({runtime})"
 
 
 def status_line(service) -> str:
     st = service.status()
     ob = st["outbox"]
     c = st["counters"]
-    return (f"model {st['model']} on {st['backend']} | broker {'connected' if st['broker_connected'] else 'DISCONNECTED'}"
+    inf = st["inference"]
+    inference = "" if inf["state"] == "healthy" else (
+        f" | inference {inf['state'].upper()}: {inf['reason']}"
+        + (f"; fallback answered {inf['fallback_answers']}" if inf["fallback"] else ""))
+    return (f"model {st['model']} on {st['backend']}{inference} | broker {'connected' if st['broker_connected'] else 'DISCONNECTED'}"
             f" | outbox {ob['queued']} queued, {ob['inflight']} in flight, {ob['delivered']} awaiting correction"
             f" | offload {st['offload_rate']:.1%} of {c.get('classified', 0)}, corrected {c.get('corrected', 0)}")
 

@@ -78,3 +78,18 @@ def test_card_fallback_card_is_relative_to_the_card(tmp_path):
 def test_card_fallback_card_refused(tmp_path, value, match):
     with pytest.raises(ModelCardError, match=match):
         parse_card(_card(fallback_card=value), tmp_path / "card.json")
+
+
+def test_check_config_checks_the_fallback_card(tmp_path, capsys):
+    from edge_infer.cli import main
+    cfg = tmp_path / "edge-infer.toml"
+    base = f'device_id = "d"\nstate_dir = "{tmp_path}"\n[model]\ncard = "{EDGE_CARD}"\nisolate = true\nfallback = "cpu"\n'
+    cfg.write_text(base + f'fallback_card = "{EDGE_CARD}"\n')
+    assert main(["check-config", str(cfg)]) == 0
+    assert "fallback fmnist-edge:1.0.0 on tflite-cpu" in capsys.readouterr().out
+    cfg.write_text(base)                                   # the shipped card names no fallback
+    assert main(["check-config", str(cfg)]) == 2
+    assert 'needs the CPU model\'s card' in capsys.readouterr().err
+    cfg.write_text(base + f'fallback_card = "{tmp_path / "nope.json"}"\n')
+    assert main(["check-config", str(cfg)]) == 2
+    assert "not found" in capsys.readouterr().err
