@@ -195,7 +195,12 @@ class OutboxConfig:
                             check=positive)
     resend_after_s: float = option(120.0, help="a delivered sample with no reply after this is sent again "
                                                "(the broker may have had no worker for it); the wait doubles "
-                                               "with each attempt, up to 64x", check=positive)
+                                               "with each attempt, up to 64x; with resend_adaptive the "
+                                               "longest wait", check=positive)
+    resend_adaptive: bool = option(True, help="wait 8x the p99 of the observed sample-to-reply round trips "
+                                              "instead (between resend_after_min_s and resend_after_s): a dead "
+                                              "worker's samples come back in seconds, not minutes")
+    resend_after_min_s: float = option(10.0, help="shortest adaptive wait before a resend", check=positive)
     max_payload_bytes: int = option(1024 * 1024, help="largest sample payload accepted for offload",
                                     check=positive)
     keep_payload_after_correction: bool = option(

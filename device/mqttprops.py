@@ -13,11 +13,13 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
+from .errors import EdgeInferError
+
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 
 
-class MalformedProperties(ValueError):
+class MalformedProperties(EdgeInferError, ValueError):
     """The property bytes do not follow MQTT v5 section 2.2.2 (the connection must be closed)."""
 
 

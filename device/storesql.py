@@ -52,6 +52,11 @@ SQL_QUEUED = ("SELECT sample_id, created_at, content_type, payload, user_props, 
                f"WHERE state={sql_states(_S.QUEUED)} ORDER BY seq LIMIT ?")
 SQL_SENT = (f"UPDATE outbox SET state={_into(_S.INFLIGHT, _S.QUEUED)}, attempts=attempts+1, updated_at=? "
              f"WHERE sample_id=? AND state={sql_states(_S.QUEUED)}")
+# A shorter resend wait reaches samples already waiting: their resend time, recomputed with it, if
+# sooner. The partial index holds only delivered samples, so this touches those and nothing else.
+SQL_SHORTEN_RESENDS = (f"UPDATE outbox SET resend_at = updated_at + ?1 * (1 << MIN(MAX(attempts - 1, 0), 6)) "
+                       f"WHERE state={sql_states(_S.DELIVERED)} "
+                       "AND resend_at > updated_at + ?1 * (1 << MIN(MAX(attempts - 1, 0), 6))")
 SQL_ACKED = (f"UPDATE outbox SET state={_into(_S.DELIVERED, _S.INFLIGHT)}, updated_at=?, resend_at={RESEND_AT} "
               f"WHERE sample_id=? AND state={sql_states(_S.INFLIGHT)}")
 SQL_REFUSED = (f"UPDATE outbox SET state={_into(_S.FAILED, *SENDABLE)}, last_error=?, payload=NULL, updated_at=? "

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 from . import protocol
 from .config import DeviceConfig
 from .mqtt_link import Connected, Disconnected, MqttLink, Published, Received
+from .resend import ResendPolicy, RoundTrips, resend_after
 from .stats import Counters
 from .store import Due, Store
 from .storehealth import StoreHealth
@@ -72,6 +73,13 @@ class Uplink:
         self._pending_delivered: list[str] = []
         self._pending_acked: list[tuple[str, int]] = []
         self._next_prune = 0.0
+        # When each sample in flight was handed to paho (monotonic), for the resend wait's round
+        # trips; bounded: a sample never answered is dropped once newer ones push it out.
+        self._sent_at: dict[str, float] = {}
+        self._round_trips = RoundTrips()
+        o = cfg.outbox
+        self._resend_policy = ResendPolicy(ceiling_s=o.resend_after_s, floor_s=min(o.resend_after_min_s,
+                                                                                   o.resend_after_s))
 
     def start(self) -> None:
         if self._thread is not None:
@@ -287,6 +295,9 @@ class Uplink:
             self._mids[mid] = ("sample", it.sample_id, 0)
             self._samples_inflight += 1
             sent.append(it.sample_id)
+            self._sent_at[it.sample_id] = time.monotonic()
+        while len(self._sent_at) > 8 * max(self.cfg.outbox.max_inflight, 1):
+            del self._sent_at[next(iter(self._sent_at))]
 
     def _on_reply(self, ev: Received) -> None:
         """A message on the corrections topic: untrusted until parsed and matched to a sample that was
@@ -328,6 +339,9 @@ class Uplink:
                         if agreed:
                             self.counters.inc("audit_agreed")
         if outcome.reason == "applied":
+            sent = self._sent_at.pop(reply.sample_id, None)
+            if sent is not None:
+                self._round_trips.add(time.monotonic() - sent)
             waiter = self._waiters.get(reply.sample_id)
             if waiter is not None:
                 waiter.set()
@@ -336,11 +350,21 @@ class Uplink:
             log.info("reply for sample %s ignored (%s)", reply.sample_id, outcome.reason)
 
     def _maintenance(self) -> None:
+        if self.cfg.outbox.resend_adaptive:
+            wait = resend_after(self._round_trips.array(), self._resend_policy)
+            if wait < self.store.resend_after_s / 2:
+                # Much shorter (the first estimate, or a backlog cleared): samples acknowledged under
+                # the old wait get the new one too, or a worker killed now would cost them the old one.
+                moved = self.store.shorten_resends(wait)
+                log.info("resend wait now %.1fs (p99 round trip x%g); %d waiting sample(s) moved up", wait,
+                         self._resend_policy.factor, moved)
+            else:
+                self.store.resend_after_s = wait     # read when a sample is acknowledged
         resent = self.store.resend_stale()
         if resent:
             self.counters.inc("resent", resent)
-            log.warning("%d delivered sample(s) got no reply within %.0fs; sending them again", resent,
-                        self.cfg.outbox.resend_after_s)
+            log.warning("%d delivered sample(s) got no reply within %.1fs; sending them again", resent,
+                        self.store.resend_after_s)
         expired = self.store.expire(self.cfg.outbox.max_age_s)
         if expired:
             self.counters.inc("expired", len(expired))

@@ -173,6 +173,46 @@ def test_one_of_two_workers_killed_mid_stream(tmp_path, broker, fmnist):
             w.stop()
 
 
+def test_a_killed_workers_samples_come_back_after_the_adaptive_wait_not_the_configured_maximum(tmp_path, broker,
+                                                                                                fmnist):
+    """resend_after_s = 600: without the adaptive wait, the samples the killed worker held would be
+    answered after ten minutes; the observed round trips make it seconds (never below the floor)."""
+    group = unique("g")
+    w1, w2 = unique("w"), unique("w")
+    workers = [WorkerProcess(tmp_path, broker.port, w1, group), WorkerProcess(tmp_path, broker.port, w2, group)]
+    for w in (w1, w2):
+        wait_worker_ready(broker.port, w)
+    svc = EdgeService(device_config(tmp_path, broker.port, resend_after_s=600.0, resend_after_min_s=2.0))
+    svc.start()
+    try:
+        wait_for(svc.link.connected.is_set)
+        images = fmnist["test"].images[:3000]
+        for im in images[:1000]:                   # round trips observed: the wait adapts
+            svc.classify(im)
+        wait_for(lambda: drained(svc.store), timeout=60, what="first 1000 corrected")
+        workers[0].proc.send_signal(signal.SIGSTOP)   # it takes its share of samples and answers none ...
+        for im in images[1000:2000]:
+            svc.classify(im)
+        wait_for(lambda: svc.store.outbox_counts().get("queued", 0) == 0, timeout=60, what="all sent")
+        time.sleep(1.0)
+        workers[0].kill()                             # ... and dies holding them
+        t0 = time.monotonic()
+        for im in images[2000:]:
+            svc.classify(im)
+        wait_for(lambda: drained(svc.store), timeout=90, what="every sample corrected after the kill")
+        took = time.monotonic() - t0
+        f = figures(svc.store, len(images), "worker SIGSTOP + SIGKILL, adaptive resend")
+        assert f["corrected"] == f["offloaded"] > 0 and f["lost"] == 0 and f["applied_twice"] == 0
+        assert svc.counters.get("resent") > 0
+        assert 2.0 <= svc.store.resend_after_s < 60, svc.store.resend_after_s
+        print(f"\nadaptive resend wait {svc.store.resend_after_s:.2f}s (ceiling 600 s), "
+              f"{svc.counters.get('resent')} resent, all corrected {took:.1f}s after the kill")
+    finally:
+        svc.stop()
+        for w in workers:
+            w.stop()
+
+
 def test_disk_budget_smaller_than_offline_backlog(tmp_path, fmnist):
     port = free_port()
     svc = EdgeService(device_config(tmp_path, port, max_bytes=40_000))   # offline: no broker on this port
