@@ -27,6 +27,7 @@ from PIL import Image
 
 from . import __version__, protocol
 from .classifier import Classifier, Inference
+from .backends import backend_telemetry
 from .config import DeviceConfig
 from .errors import StoreUnavailable
 from .failover import BackendState
@@ -341,6 +342,9 @@ class EdgeService:
             else self.cfg.model.backend,
             "threshold": self.policy.threshold,
             "inference": inference,
+            # Edge TPU temperature and throttling where the hardware reports them (sysfs)
+            **({"accelerator": t} if (t := backend_telemetry(self.cfg.model.backend,
+                                                             self.cfg.backend_options)) else {}),
             "broker_connected": bool(self.uplink and self.uplink.connected),
             "store": {"ok": degraded is None, "problem": degraded.kind if degraded else None,
                       "reason": degraded.reason if degraded else None,

@@ -183,6 +183,21 @@ def create_backend(name: str, card: ModelCard, model_bytes: bytes, options: Any 
     return getattr(_module(name), known.factory)(card, model_bytes, options)
 
 
+def backend_telemetry(name: str, options: Any = None) -> list[dict[str, Any]]:
+    """The hardware readings backend ``name`` offers for the status (its module's optional
+    ``telemetry(options) -> list[dict]``: temperature, throttling); [] when it has none or they
+    cannot be read. Reads no model and opens no device, so the service calls it beside an
+    isolated child."""
+    module = _module(name)
+    read = getattr(module, "telemetry", None)
+    if read is None:
+        return []
+    try:
+        return list(read(_checked_options(name, options)))
+    except OSError:
+        return []
+
+
 def invoke_each(backend: Backend, tensor: np.ndarray) -> np.ndarray:
     """``invoke_batch`` for batch-of-one backends: one invoke per input, outputs stacked."""
     if len(tensor) == 1:

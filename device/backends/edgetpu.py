@@ -226,6 +226,11 @@ def edgetpu_health(options: Options, sysfs: str = "/sys") -> tuple[ApexThermal, 
     return records
 
 
+def telemetry(options: Options, sysfs: str = "/sys") -> list[dict[str, Any]]:
+    """The status's accelerator readings (the registry's optional telemetry hook)."""
+    return [r.as_status() for r in edgetpu_health(options, sysfs)]
+
+
 def _closed(*_: object) -> Any:
     raise BackendError("the edgetpu backend is closed")
 

@@ -367,3 +367,15 @@ def test_edgetpu_health_follows_the_selector(tmp_path):
     assert edgetpu_health(Options(device="usb:0"), str(tmp_path)) == ()
     (hot,) = edgetpu_health(Options(device="pci:1"), str(tmp_path))
     assert hot.as_status()["throttling"] is True and hot.temp_c == 93.0
+
+
+def test_the_status_telemetry_hook_reads_the_selected_card_and_other_backends_have_none(tmp_path):
+    from edge_infer.backends import backend_telemetry
+    from edge_infer.backends.edgetpu import Options, telemetry
+    _apex(tmp_path, "apex_0", temp=91000, trip_point0_temp=85000, trip_point1_temp=90000, temp_poll_interval=1000)
+    _apex(tmp_path, "apex_1", temp=40000)
+    assert [t["name"] for t in telemetry(Options(device="pci:1"), str(tmp_path))] == ["apex_1"]
+    (hot,) = telemetry(Options(device="pci:0"), str(tmp_path))
+    assert hot["temp_c"] == 91.0 and hot["throttling"] and hot["clock_divider"] == 4
+    assert telemetry(Options(device="usb"), str(tmp_path)) == []        # a USB Accelerator reports none
+    assert backend_telemetry("tflite-cpu") == []
