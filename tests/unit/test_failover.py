@@ -93,3 +93,19 @@ def test_check_config_checks_the_fallback_card(tmp_path, capsys):
     cfg.write_text(base + f'fallback_card = "{tmp_path / "nope.json"}"\n')
     assert main(["check-config", str(cfg)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_a_fallback_with_other_labels_stops_the_start_before_the_backend_is_claimed(tmp_path):
+    import json
+
+    from edge_infer.classifier import Classifier
+    from edge_infer.config import PolicyConfig
+    data = json.loads(EDGE_CARD.read_text())
+    data["labels"] = [f"class-{i}" for i in range(len(data["labels"]))]
+    data["file"] = str(EDGE_CARD.parent / data["file"])
+    other = tmp_path / "card.json"
+    other.write_text(json.dumps(data))
+    clf = Classifier(ModelConfig(card=EDGE_CARD, isolate=True, fallback="cpu", fallback_card=other), PolicyConfig())
+    with pytest.raises(ModelCardError, match="other labels") as err:
+        clf.start()
+    assert err.value.exit_code == 2 and clf.backend is None and clf.problem() is None   # no child was started
