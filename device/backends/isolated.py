@@ -444,6 +444,8 @@ class IsolatedBackend:
                 self._starts_done += 1
                 self._start_error = exc
                 self._fail(str(exc))
+                if self._child is None:
+                    self.runtime = "isolated: no child running"
                 delay = self._delay()
                 self._cv.notify_all()
             self._inc("backend_start_failures")
@@ -486,6 +488,7 @@ class IsolatedBackend:
                 self._child = None
             self._retired.append(child)
             self._fail(reason)
+            self.runtime = f"{child.ready.get('runtime', self.name)}, isolated: no child running"
             delay = self._delay()
             self._cv.notify_all()
         child.kill()
