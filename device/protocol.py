@@ -361,6 +361,9 @@ def decode_status(payload: bytes) -> dict[str, Any]:
         raise ProtocolError("bad_schema", f"status 'state' must be one of {', '.join(STATUS_STATES)}")
     if not any(isinstance(obj.get(k), str) and obj.get(k) for k in ("device", "worker")):
         raise ProtocolError("bad_schema", "status message names no 'device' or 'worker'")
+    for k in ("device", "worker"):
+        if k in obj and not (isinstance(obj[k], str) and obj[k]):
+            raise ProtocolError("bad_schema", f"status {k!r} must be a non-empty string")
     counters = obj.get("counters")
     if counters is not None and not (isinstance(counters, dict) and all(
             isinstance(v, int) and not isinstance(v, bool) for v in counters.values())):
