@@ -7,6 +7,7 @@ What is accepted and how pixels are converted is in docs/inputs.md.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -39,6 +40,26 @@ class DecodedImage:
     content_type: str
 
 
+#: the exact netpbm form encode_sample writes: binary P5 (gray) / P6 (RGB), one space, maxval 255
+_RAW_NETPBM = re.compile(rb"P([56])\n([1-9][0-9]{0,4}) ([1-9][0-9]{0,4})\n255\n")
+
+
+def _raw_netpbm(data: bytes, max_pixels: int, expected_type: str | None) -> DecodedImage | None:
+    """The device's own raw encoding read directly (~2 us, Pillow takes ~55 us: a cloud worker
+    decodes every sample); None for anything else, which Pillow then decodes and checks."""
+    m = _RAW_NETPBM.match(data)
+    if m is None:
+        return None
+    channels = 1 if m.group(1) == b"5" else 3
+    ctype = "image/x-portable-graymap" if channels == 1 else "image/x-portable-pixmap"
+    w, h = int(m.group(2)), int(m.group(3))
+    if (expected_type is not None and expected_type != ctype) or w * h > max_pixels \
+            or len(data) != m.end() + w * h * channels:
+        return None
+    pixels = np.frombuffer(data, np.uint8, offset=m.end()).reshape((h, w) if channels == 1 else (h, w, 3)).copy()
+    return DecodedImage(pixels, ctype)
+
+
 def decode_image(data: bytes, *, max_bytes: int = 16 * 1024 * 1024, max_pixels: int = MAX_PIXELS,
                  expected_type: str | None = None) -> DecodedImage:
     """Decode PNG/JPEG/BMP/PGM bytes safely into an upright uint8 array (EXIF orientation applied)."""
@@ -48,6 +69,9 @@ def decode_image(data: bytes, *, max_bytes: int = 16 * 1024 * 1024, max_pixels: 
         raise ImageError(f"image of {len(data)} bytes exceeds the limit of {max_bytes}")
     if expected_type is not None and expected_type not in CONTENT_TYPES:
         raise ImageError(f"unsupported content type {expected_type!r}; accepted: {', '.join(CONTENT_TYPES)}")
+    fast = _raw_netpbm(data, max_pixels, expected_type)
+    if fast is not None:
+        return fast
     try:
         with warnings.catch_warnings():
             # Pillow warns about damaged metadata (EXIF tags) on open and on read. Metadata is

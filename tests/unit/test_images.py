@@ -278,3 +278,48 @@ def test_cloud_model_sees_the_exif_rotation(fmnist):
     labels, _ = model.predict(received)
     native, _ = model.predict(list(images))
     assert labels.tolist() == native.tolist()
+
+
+# --- the device's raw netpbm read directly -------------------------------------------------------------------------
+from hypothesis import given as _given  # noqa: E402
+from hypothesis import strategies as _st  # noqa: E402
+from hypothesis.extra import numpy as _hnp  # noqa: E402
+
+
+@_given(_hnp.arrays(np.uint8, _st.one_of(_hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=40),
+                                          _st.tuples(_st.integers(1, 30), _st.integers(1, 30), _st.just(3)))))
+def test_raw_netpbm_fast_path_reads_what_pillow_reads(pixels):
+    import io as _io
+
+    from PIL import Image as _Image
+
+    from edge_infer.preprocess import _raw_netpbm, decode_image, encode_sample, to_uint8
+    data, ctype = encode_sample(pixels)
+    if not ctype.startswith("image/x-portable"):
+        return                                   # too large for the raw encoding: PNG, Pillow's path
+    fast = _raw_netpbm(data, 4_000_000, ctype)
+    assert fast is not None and fast.content_type == ctype
+    with _Image.open(_io.BytesIO(data)) as img:
+        assert np.array_equal(fast.pixels, to_uint8(img))
+    assert np.array_equal(decode_image(data, expected_type=ctype).pixels, pixels)
+
+
+@pytest.mark.parametrize("data", [
+    b"P5\n2 2\n255\n\x00\x01\x02",               # one byte short: Pillow decides (and refuses)
+    b"P5\n2 2\n255\n\x00\x01\x02\x03\x04",       # one byte long
+    b"P5\n2  2\n255\n\x00\x01\x02\x03",          # not the device's exact header
+    b"P5\n2 2\n65535\n" + b"\x00" * 8,          # 16-bit
+    b"P5\n0 2\n255\n",
+])
+def test_raw_netpbm_fast_path_leaves_anything_else_to_pillow(data):
+    from edge_infer.preprocess import _raw_netpbm
+    assert _raw_netpbm(data, 4_000_000, None) is None
+
+
+def test_raw_netpbm_fast_path_keeps_the_pixel_limit_and_the_expected_type():
+    from edge_infer.preprocess import ImageError, _raw_netpbm, decode_image
+    data = b"P5\n4 4\n255\n" + bytes(16)
+    assert _raw_netpbm(data, 15, None) is None
+    with pytest.raises(ImageError):
+        decode_image(data, max_pixels=15)
+    assert _raw_netpbm(data, 100, "image/x-portable-pixmap") is None
