@@ -254,14 +254,21 @@ def bare_rate(images: np.ndarray, batch: int, threads: int, repeats: int) -> lis
     fitted = [model.pre.fit(im) for im in images]
     rates = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for i in range(0, len(fitted), batch):
             model.predict_fitted_batch(fitted[i:i + batch])
         rates.append(len(fitted) / (time.perf_counter() - t0))
+        BARE_CPU.append((time.process_time() - c0) / len(fitted) * 1e6)
     return rates
 
 
-def drain_rate(fleet: Fleet, workers: Workers, n: int, timeout: float = 120) -> float:
+BARE_CPU: list[float] = []   # CPU us per image of the bare runs
+
+
+DRAIN_CPU: list[dict] = []   # per drain: CPU per correction of the workers, and the others' share of the cores
+
+
+def drain_rate(fleet: Fleet, workers: Workers, n: int, timeout: float = 120, broker_pid: int | None = None) -> float:
     """Corrections/s while ``workers`` drain ``n`` samples queued for them in the broker."""
     workers.signal(signal.SIGSTOP)
     try:
@@ -271,11 +278,17 @@ def drain_rate(fleet: Fleet, workers: Workers, n: int, timeout: float = 120) -> 
     finally:
         workers.signal(signal.SIGCONT)
     t0 = time.monotonic()
+    w0, s0 = workers.cpu(), time.process_time()
+    b0 = cpu_seconds(broker_pid) if broker_pid else 0.0
     fleet.wait_answered(ids, timeout)
     answered = [fleet.tally.got[i] for i in ids if i in fleet.tally.got]
     if len(answered) < n:
         raise RuntimeError(f"only {len(answered)} of {n} queued samples were answered within {timeout}s")
-    return n / (max(answered) - t0)
+    took = max(answered) - t0
+    DRAIN_CPU.append({"worker_us_per_correction": (workers.cpu() - w0) / n * 1e6,
+                      "simulator_cpu_share": (time.process_time() - s0) / took,
+                      "broker_cpu_share": ((cpu_seconds(broker_pid) - b0) / took) if broker_pid else None})
+    return n / took
 
 
 def mmm(xs: list[float]) -> dict[str, float]:
@@ -305,6 +318,7 @@ def main() -> int:
 
     print(f"bare onnxruntime on {len(images)} decoded images ...", flush=True)
     bare32 = bare_rate(images, 32, 0, a.repeats)
+    report["bare_cpu_us_per_image_batch32"] = mmm(BARE_CPU)
     bare32_1t = bare_rate(images, 32, 1, a.repeats)
     report["bare_images_per_s"] = {"batch32": mmm(bare32), "batch32_1thread": mmm(bare32_1t)}
 
@@ -323,12 +337,13 @@ def main() -> int:
                 try:
                     w.wait_online(broker.port)
                     fleet.pump(until=lambda: False, seconds=0.5)
-                    return [drain_rate(fleet, w, a.queued) for _ in range(a.repeats)]
+                    return [drain_rate(fleet, w, a.queued, broker_pid=broker.proc.pid) for _ in range(a.repeats)]
                 finally:
                     w.stop()
 
             print("draining queued samples: 1 worker, batch 32 ...", flush=True)
             w32 = drains("d32-", 1)
+            cpu32 = list(DRAIN_CPU)
             print("... batch 32, onnxruntime threads spinning ...", flush=True)
             w32s = drains("d32s-", 1, spin=True)
             print("... batch 1 ...", flush=True)
@@ -336,6 +351,7 @@ def main() -> int:
             print("... 1 and 2 workers with one onnxruntime thread each ...", flush=True)
             s1 = drains("s1-", 1, threads=1)
             s2 = drains("s2-", 2, threads=1)
+            report["drain_cpu_1worker_batch32"] = {k: mmm([c[k] for c in cpu32]) for k in cpu32[0]}
             report["drain_corrections_per_s"] = {"1worker_batch32": mmm(w32), "1worker_batch32_spin": mmm(w32s),
                                                  "1worker_batch1": mmm(w1),
                                                  "1worker_1thread": mmm(s1), "2workers_1thread": mmm(s2)}
@@ -413,6 +429,10 @@ def main() -> int:
     print(f"worker draining {a.queued} queued: {fmt(d['1worker_batch32'], ' corrections/s')}")
     print(f"worker / bare:                   {fmt(ratio, '', 2)}  (with spinning threads: "
           f"{fmt(mmm([x / statistics.median(bare32) for x in w32s]), '', 2)})")
+    dc = report["drain_cpu_1worker_batch32"]
+    print(f"CPU per sample: worker {fmt(dc['worker_us_per_correction'], ' us')}, bare "
+          f"{fmt(report['bare_cpu_us_per_image_batch32'], ' us')}; while draining the simulator took "
+          f"{fmt(dc['simulator_cpu_share'], '', 2)} and the broker {fmt(dc['broker_cpu_share'], '', 2)} of a core")
     print(f"batching gain (32 vs batch 1):   {fmt(report['batching_gain'], 'x', 2)}  "
           f"(batch 1: {fmt(d['1worker_batch1'], '/s')})")
     print(f"2 workers / 1 (1 thread each):   {fmt(report['scaling_2_over_1'], 'x', 2)}  "
