@@ -197,6 +197,7 @@ class Workers:
     def __init__(self, tmp: Path, port: int, k: int, *, threads: int = 0, batch: int = 32,
                  delay_us: float = 0.0, spin: bool = False, tag: str = "w") -> None:
         self.procs: list[subprocess.Popen] = []
+        self.tmp = tmp
         for j in range(k):
             cfg = tmp / f"{tag}{j}.toml"
             cfg.write_text(f'[model]\ncard = "{CLOUD_CARD}"\nintra_op_threads = {threads}\n'
@@ -244,6 +245,23 @@ class Workers:
     def stop(self) -> None:
         for p in self.procs:
             stop_process(p, timeout=10)
+        for tag in self.ids:
+            BATCH_SIZES[tag] = batch_sizes(self.tmp / f"{tag}.log")
+
+
+#: worker id -> its batch-size histogram (bucket -> batches), from the counters it logs when it stops
+BATCH_SIZES: dict[str, dict[str, int]] = {}
+
+
+def batch_sizes(log_file: Path) -> dict[str, int]:
+    import ast
+    for line in reversed(log_file.read_text(errors="replace").splitlines()):
+        if " stopped: {" in line:
+            counters = ast.literal_eval(line[line.index(" stopped: {") + len(" stopped: "):])
+            return {k[len("batch_size_"):]: v for k, v in sorted(counters.items(), key=lambda kv: int(
+                kv[0][len("batch_size_"):].split("-")[0]) if kv[0].startswith("batch_size_") else 0)
+                if k.startswith("batch_size_")}
+    return {}
 
 
 def bare_rate(images: np.ndarray, batch: int, threads: int, repeats: int) -> list[float]:
@@ -420,6 +438,7 @@ def main() -> int:
     report["worker_spin_over_bare"] = mmm([x / statistics.median(bare32) for x in w32s])
     report["batching_gain"] = mmm([x / statistics.median(w1) for x in w32])
     report["scaling_2_over_1"] = mmm([x / statistics.median(s1) for x in s2])
+    report["batch_sizes"] = {k: v for k, v in BATCH_SIZES.items() if k.startswith(("d32-", "lat-", "low-dynamic-"))}
     (a.out / "fleet-sim.json").write_text(json.dumps(report, indent=2))
     plot(report, a.out / "fleet-sim.png")
 
@@ -437,6 +456,9 @@ def main() -> int:
           f"(batch 1: {fmt(d['1worker_batch1'], '/s')})")
     print(f"2 workers / 1 (1 thread each):   {fmt(report['scaling_2_over_1'], 'x', 2)}  "
           f"(1: {fmt(d['1worker_1thread'], '/s')}, 2: {fmt(d['2workers_1thread'], '/s')})")
+    for tag, what in (("d32-0", "draining a backlog"), ("lat-0", "the load sweep"), ("low-dynamic-0", "50/s")):
+        if BATCH_SIZES.get(tag):
+            print(f"batch sizes, {what + ':':21s}{' '.join(f'{k}:{v}' for k, v in BATCH_SIZES[tag].items())}")
     print(f"latency knee at offered:         {report['knee_offered_per_s']} samples/s")
     print(f"low load (50/s) p50/p99 ms:      dynamic {low['dynamic']['p50_ms']:.1f}/{low['dynamic']['p99_ms']:.1f}, "
           f"batch 1 {low['batch1']['p50_ms']:.1f}/{low['batch1']['p99_ms']:.1f}, "
