@@ -35,7 +35,7 @@ from .storeschema import OPEN_STATES, OUTBOX_STATES, TABLES, TABLES_SQL, initial
 from .storerecords import ApplyOutcome, Due, OpenReport, OutboxItem, RecordOutcome, row_to_result
 from .storesql import (
     CHUNK, DUPLICATE_CORRECTION, DUPLICATE_ERROR, EVICTABLE, EXPIRABLE, KEPT_INDEX, NEW, RESULT_COLS, RESULT_COLS_BEFORE_4,
-    SQL_ACKED, SQL_CORRECT, SQL_CORRECT_KEEP, SQL_SHORTEN_RESENDS, SQL_DROP_ALL_KEPT, SQL_DROP_KEPT, SQL_ERROR, SQL_EVICT, SQL_EXPIRE,
+    SQL_ACKED, SQL_CORRECT, SQL_CORRECT_KEEP, SQL_RESEND_PAGE, SQL_SHORTEN_RESEND, SQL_DROP_ALL_KEPT, SQL_DROP_KEPT, SQL_ERROR, SQL_EVICT, SQL_EXPIRE,
     SQL_KEPT_INDEX, SQL_KEPT_OLDEST, SQL_OLDEST, SQL_PRUNE_OUTBOX, SQL_QUEUED, SQL_REFUSED, SQL_REQUEUE, SQL_RESEND,
     SQL_SENT, UNSENT,
 )
@@ -314,8 +314,15 @@ class Store:
         """Use a shorter ``resend_after_s`` from now on, and for the samples already waiting for a reply
         (their resend time recomputed with it where that is sooner). Returns how many moved."""
         self.resend_after_s = resend_after_s
-        with self._tx() as db:
-            return db.execute(SQL_SHORTEN_RESENDS, (resend_after_s,)).rowcount
+        moved, cursor = 0, (-1.0, -1)   # before every (resend_at, rowid): both are positive
+        while True:
+            with self._tx() as db:
+                page = db.execute(SQL_RESEND_PAGE, (*cursor, CHUNK)).fetchall()
+                if not page:
+                    return moved
+                for rowid, _ in page:
+                    moved += db.execute(SQL_SHORTEN_RESEND, (resend_after_s, rowid)).rowcount
+            cursor = (page[-1][1], page[-1][0])
 
     def resend_stale(self, now: float | None = None) -> int:
         """Delivered samples whose ``resend_at`` has passed go back to queued (at most CHUNK a call).

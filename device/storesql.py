@@ -54,9 +54,15 @@ SQL_SENT = (f"UPDATE outbox SET state={_into(_S.INFLIGHT, _S.QUEUED)}, attempts=
              f"WHERE sample_id=? AND state={sql_states(_S.QUEUED)}")
 # A shorter resend wait reaches samples already waiting: their resend time, recomputed with it, if
 # sooner. The partial index holds only delivered samples, so this touches those and nothing else.
-SQL_SHORTEN_RESENDS = (f"UPDATE outbox SET resend_at = updated_at + ?1 * (1 << MIN(MAX(attempts - 1, 0), 6)) "
-                       f"WHERE state={sql_states(_S.DELIVERED)} "
-                       "AND resend_at > updated_at + ?1 * (1 << MIN(MAX(attempts - 1, 0), 6))")
+# A shorter resend wait reaches samples already waiting: their resend time, recomputed with it, if
+# sooner. Walked through the partial index (delivered samples only) in (resend_at, rowid) order, a
+# chunk per transaction: with hours of backlog delivered to a broker with no worker, one UPDATE of
+# 100k rows held the write lock 0.6-1.7 s (measured); re-scanning from the start per chunk took 7 s.
+SQL_RESEND_PAGE = ("SELECT rowid, resend_at FROM outbox INDEXED BY outbox_resend "
+                   f"WHERE state={sql_states(_S.DELIVERED)} AND (resend_at, rowid) > (?, ?) "
+                   "ORDER BY resend_at, rowid LIMIT ?")
+SQL_SHORTEN_RESEND = ("UPDATE outbox SET resend_at = updated_at + ?1 * (1 << MIN(MAX(attempts - 1, 0), 6)) "
+                      "WHERE rowid = ?2 AND resend_at > updated_at + ?1 * (1 << MIN(MAX(attempts - 1, 0), 6))")
 SQL_ACKED = (f"UPDATE outbox SET state={_into(_S.DELIVERED, _S.INFLIGHT)}, updated_at=?, resend_at={RESEND_AT} "
               f"WHERE sample_id=? AND state={sql_states(_S.INFLIGHT)}")
 SQL_REFUSED = (f"UPDATE outbox SET state={_into(_S.FAILED, *SENDABLE)}, last_error=?, payload=NULL, updated_at=? "

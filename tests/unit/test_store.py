@@ -146,6 +146,26 @@ def test_delivered_without_reply_is_resent(tmp_path):
     assert store.resend_stale(now=time.time() + 121) == 1
 
 
+def test_a_shorter_resend_wait_reaches_the_samples_already_waiting(tmp_path):
+    store = Store(tmp_path / "db", resend_after_s=120)
+    store.open()
+    ids = [f"s{i}" for i in range(1300)]          # more than one chunk of the walk
+    for sid in ids:
+        store.record(*make(sid))
+    store.commit_progress(inflight=ids)
+    store.commit_progress(delivered=ids)
+    t = time.time()
+    assert store.resend_stale(now=t + 15) == 0     # acknowledged under the 120 s wait
+    assert store.shorten_resends(10.0) == len(ids)
+    assert store.shorten_resends(10.0) == 0        # already as soon as that: nothing moves
+    assert store.shorten_resends(60.0) == 0        # a longer wait never postpones them
+    assert store.resend_after_s == 60.0            # but applies to what is acknowledged next
+    due = 0
+    while (n := store.resend_stale(now=t + 15)):
+        due += n
+    assert due == len(ids)
+
+
 def test_byte_budget_evicts_oldest_uncorrected_first(tmp_path):
     s = Store(tmp_path / "db", max_bytes=350)
     s.open()

@@ -25,6 +25,7 @@ def _exercise(store: Store) -> None:
     store.has_source_key("f3|1|2")
     store.commit_progress(inflight=["s000", "s002", "s004"])
     store.commit_progress(delivered=["s000", "s002"])
+    store.shorten_resends(1.0)                       # the adaptive resend wait, walked through its index
     store.queued_samples(8)
     store.unpublished_results(0, 64)
     store.commit_progress(acked_results=[(d.result.sample_id, d.seq) for d in store.unpublished_results(0, 64)])
