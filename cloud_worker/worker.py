@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 #: Counters the status always carries, at 0 until they happen: a dashboard must
 #: read "none yet", not a missing key. Anything else counted is listed as well.
 KNOWN_COUNTERS: tuple[str, ...] = (
-    "received", "corrected", "batches", "rejected", "error_replies", "replies_refused", "connects",
+    "received", "corrected", "batches", "rejected", "error_replies", "replies_refused", "connects", "intake_errors",
     *(f"rejected_{code}" for code in protocol.SAMPLE_ERROR_CODES),
 )
 
@@ -181,7 +181,7 @@ class CloudWorker:
             if self._decoders is not None:
                 self._decoders.submit(self._guarded_prepare, ev)
             else:
-                self._prepare(ev)
+                self._guarded_prepare(ev)
         elif isinstance(ev, Published):
             with self._ack_lock:
                 sample_mid = self._ack_after.pop(ev.mid, None)
@@ -202,7 +202,14 @@ class CloudWorker:
         try:
             self._prepare(msg)
         except Exception:
-            log.exception("worker decode error; the sample stays unacknowledged and its device resends it")
+            # Acknowledged all the same: unacknowledged, it would hold one of the receive-maximum
+            # slots until this worker reconnects, and enough of them would stall it. Its device
+            # sends it again after its resend wait; the count shows in the status and metrics.
+            self.counters.inc("intake_errors")
+            log.exception("unexpected error preparing a sample on %r; acknowledged unanswered (its device resends "
+                          "it)", msg.topic[:200])
+            assert self.link is not None
+            self.link.ack(msg.mid, 1)
 
     def _prepare(self, msg: Received) -> None:
         """Validate and decode one sample into the model's input, queue it; or reject it."""

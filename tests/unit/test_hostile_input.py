@@ -480,3 +480,22 @@ def test_hostile_samples_never_raise_and_every_one_is_answered_or_acknowledged(e
     c = w.counters.snapshot()
     assert c["received"] == len(msgs) == c.get("corrected", 0) + c.get("rejected", 0)
     assert set(k[len("rejected_"):] for k in c if k.startswith("rejected_")) <= set(protocol.SAMPLE_ERROR_CODES)
+
+
+def test_an_unexpected_error_preparing_a_sample_acknowledges_it_and_counts_it(cloud_model, monkeypatch):
+    """Unacknowledged, such a sample would hold a receive-maximum slot until the worker reconnects."""
+    from edge_infer_cloud import worker as worker_module
+    from edge_infer_cloud.worker import CloudWorker
+    from ..integration.helpers import worker_config
+    w = CloudWorker(worker_config(1))
+    w.model, w.link = cloud_model, _FakeLink()
+
+    def broken(*a, **k):
+        raise RuntimeError("decoder bug")
+    monkeypatch.setattr(worker_module, "decode_image", broken)
+    dev = "dev-1"
+    ups = [("v", "1"), ("sample_id", "s1"), ("device_id", dev)]
+    w.link.events.put(Received(f"{PREFIX}/{dev}/samples", b"P5\n1 1\n255\n\x00", 1, 7, "image/x-portable-graymap",
+                               Topics(PREFIX, dev).corrections, b"s1", ups))
+    w._take_event(timeout=0)
+    assert w.link.acked == [7] and w.counters.get("intake_errors") == 1 and not len(w.queue)
