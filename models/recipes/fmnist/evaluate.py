@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Evaluate the shipped models through the runtime's own code and update their cards.
 
-- edge:  models/fmnist-edge-v1 through the device's path (model card, sha256
+- edge:  models/fmnist-edge-v1 (or --edge-dir) through the device's path (model card, sha256
          check, card-driven preprocessing, the tflite-cpu backend on
          ai-edge-litert with 1 thread, one image per invoke, dequantized logits):
          edge_infer.tools.runmodel.edge_logits.
-- cloud: models/fmnist-cloud-v1 through the cloud worker's CloudModel
+- cloud: models/fmnist-cloud-v1 (or --cloud-dir) through the cloud worker's CloudModel
          (onnxruntime, 1 thread): edge_infer.tools.runmodel.cloud_outputs.
 
 Writes card.json "metrics" (val/test accuracy, runtime, ms per image at batch 1)
@@ -15,6 +15,7 @@ test_labels) next to each model. For the offload trade between the two, run
 
     .venv-train/bin/pip install -e .      # the edge_infer package, for its runtime code
     .venv-train/bin/python models/recipes/fmnist/evaluate.py
+    .venv-train/bin/python models/recipes/fmnist/evaluate.py --only edge --edge-dir models/fmnist-edge-v2
 """
 from __future__ import annotations
 
@@ -62,12 +63,16 @@ def run_cloud(card_path: Path, split_images: dict[str, np.ndarray]) -> tuple[dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["edge", "cloud"], help="evaluate one model only")
+    ap.add_argument("--edge-dir", type=Path, default=EDGE_DIR,
+                    help="the edge model folder (card.json inside) to evaluate (default: %(default)s)")
+    ap.add_argument("--cloud-dir", type=Path, default=CLOUD_DIR,
+                    help="the cloud model folder (card.json inside) to evaluate (default: %(default)s)")
     args = ap.parse_args()
 
     data = _data.splits()
     images = {"val": data["val"].images, "test": data["test"].images}
     labels = {"val": data["val"].labels, "test": data["test"].labels}
-    for role, folder, runner in (("edge", EDGE_DIR, run_edge), ("cloud", CLOUD_DIR, run_cloud)):
+    for role, folder, runner in (("edge", args.edge_dir, run_edge), ("cloud", args.cloud_dir, run_cloud)):
         if args.only and args.only != role:
             continue
         logits, ms, runtime = runner(folder / "card.json", images)
