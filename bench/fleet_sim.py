@@ -195,7 +195,7 @@ class Workers:
     """K edge-infer-cloud-worker processes in the group GROUP."""
 
     def __init__(self, tmp: Path, port: int, k: int, *, threads: int = 0, batch: int = 32,
-                 delay_us: float = 0.0, spin: bool = False, tag: str = "w") -> None:
+                 delay_us: float = 0.0, spin: bool = False, switch_us: int | None = None, tag: str = "w") -> None:
         self.procs: list[subprocess.Popen] = []
         self.tmp = tmp
         for j in range(k):
@@ -204,7 +204,8 @@ class Workers:
                            f'spin_wait = {str(spin).lower()}\n'
                            f'[worker]\nid = "{tag}{j}"\ngroup = "{GROUP}"\nmax_batch_size = {batch}\n'
                            f'max_queue_delay_us = {delay_us}\nstatus_interval_s = 3600\n'
-                           f'[mqtt]\nport = {port}\n')
+                           + (f'switch_interval_us = {switch_us}\n' if switch_us is not None else '')
+                           + f'[mqtt]\nport = {port}\n')
             self.procs.append(subprocess.Popen([str(BIN / "edge-infer-cloud-worker"), "run", "--config", str(cfg)],
                                                stdout=open(tmp / f"{tag}{j}.log", "w"), stderr=subprocess.STDOUT))
         self.ids = [f"{tag}{j}" for j in range(k)]

@@ -33,6 +33,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    if cfg.worker.switch_interval_us:
+        # Process-wide, so set here where the process starts. Each time the model thread comes
+        # back from onnxruntime it needs the GIL, and with Python's 5 ms interval it waited up to
+        # that long behind the intake and reply threads: a worker's GIL, not its model, was then
+        # the limit under a backlog (bench/fleet_sim.py compares the two).
+        sys.setswitchinterval(cfg.worker.switch_interval_us / 1e6)
     worker = CloudWorker(cfg)
     try:
         # The broker names the worker by its certificate's CN (worker:<id>) and its ACL grants the

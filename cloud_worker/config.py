@@ -47,6 +47,9 @@ class WorkerSection:
                                                                  "max_queue_delay_us (e.g. a TensorRT engine's)")
     decode_threads: int = option(1, help="threads decoding and validating samples beside the model's thread",
                                  check=in_range(1, 64))
+    switch_interval_us: int = option(1000, help="how long one of the worker's Python threads may hold the "
+                                     "interpreter (the GIL) while another waits; 0 = Python's default (5000)",
+                                     check=in_range(0, 100_000))
     batch_max: int | None = option(None, help="deprecated: max_batch_size", check=in_range(1, 4096))
     batch_wait_ms: float | None = option(None, help="deprecated and ignored: batches no longer wait a fixed time "
                                                     "(max_queue_delay_us)", check=in_range(0, 10_000))

@@ -464,8 +464,9 @@ def test_hostile_samples_never_raise_and_every_one_is_answered_or_acknowledged(e
     for m in msgs:                       # the intake thread's steps: validate, decode, queue or reject
         w.link.events.put(m)
         w._take_event(timeout=0)
-    while len(w.queue):                  # the model thread's: run what was queued, reply
+    while len(w.queue):                  # the model thread's: run what was queued; the reply thread's: reply
         w._run_batch(w.queue.take(timeout=0))
+        w._publish_corrections(w._done.get_nowait())
     # every reply goes to the sender's own corrections topic, with its correlation data
     for topic, payload, cd in w.link.published:
         device = topic.split("/")[1]
@@ -499,3 +500,29 @@ def test_an_unexpected_error_preparing_a_sample_acknowledges_it_and_counts_it(cl
                                Topics(PREFIX, dev).corrections, b"s1", ups))
     w._take_event(timeout=0)
     assert w.link.acked == [7] and w.counters.get("intake_errors") == 1 and not len(w.queue)
+
+
+def test_an_unexpected_error_running_a_batch_answers_and_acknowledges_every_sample(cloud_model, monkeypatch):
+    """The model thread's last line of defence: no sample of a failed batch is left holding a slot."""
+    from edge_infer_cloud.worker import CloudWorker
+    from ..integration.helpers import worker_config
+    w = CloudWorker(worker_config(1))
+    w.model, w.link = cloud_model, _FakeLink()
+    dev = "dev-1"
+    for mid in (7, 8):
+        sid = f"s{mid}"
+        ups = [("v", "1"), ("sample_id", sid), ("device_id", dev)]
+        w.link.events.put(Received(f"{PREFIX}/{dev}/samples", b"P5\n1 1\n255\n\x00", 1, mid,
+                                   "image/x-portable-graymap", Topics(PREFIX, dev).corrections, sid.encode(), ups))
+        w._take_event(timeout=0)
+
+    def broken(*a, **k):
+        raise KeyError("post-processing bug")
+    monkeypatch.setattr(cloud_model, "predict_fitted_batch", broken)
+    assert w._guarded_run(w.queue.take(timeout=0)) is False
+    replies = [protocol.parse_reply(payload, cd, LABELS) for _, payload, cd in w.link.published]
+    assert [(r.sample_id, r.code) for r in replies] == [("s7", "model_error"), ("s8", "model_error")]
+    for reply_mid in list(w._ack_after):
+        w.link.events.put(Published(reply_mid, False, ""))
+        w._take_event(timeout=0)
+    assert sorted(w.link.acked) == [7, 8] and w.counters.get("rejected_model_error") == 2
