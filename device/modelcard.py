@@ -28,6 +28,22 @@ class Quantization:
     zero_point: int
 
 
+#: card schemas this version reads: 2 adds the input's "resize" (photos: shorter side, then a crop)
+CARD_SCHEMAS = (1, 2)
+RESIZE_METHODS = ("bilinear", "bicubic")
+
+
+@dataclass(frozen=True)
+class ResizeSpec:
+    """How a photo of any size becomes the model's input: the shorter side scaled to
+    ``shorter_side`` (``method``: Pillow's filters, which is what torchvision uses on Pillow images),
+    then a centred crop of the input's height and width."""
+
+    shorter_side: int
+    method: str = "bilinear"
+    crop: str = "center"
+
+
 @dataclass(frozen=True)
 class InputSpec:
     shape: tuple[int, ...]   # -1 marks a dynamic batch dimension
@@ -38,6 +54,8 @@ class InputSpec:
     mean: float
     std: float
     quantization: Quantization | None
+    #: None: the image is resized to the input's size whatever its aspect (schema 1)
+    resize: ResizeSpec | None = None
 
     @property
     def height(self) -> int:
@@ -120,13 +138,35 @@ def _quant(d: Any, dtype: str, where: str) -> Quantization | None:
     return None
 
 
+def _resize(d: Any, schema: int, shape: tuple, layout: str, where: str) -> ResizeSpec | None:
+    if d is None:
+        return None
+    if schema < 2:
+        # A schema 1 reader ignores the key and would squash the photo instead: the card must say 2.
+        raise ModelCardError(f"{where}: 'resize' needs card schema 2")
+    if not isinstance(d, dict):
+        raise ModelCardError(f"{where}: 'resize' must be an object {{shorter_side, method, crop}}")
+    side = _req(d, "shorter_side", int, where + " resize")
+    h, w = (shape[1], shape[2]) if layout == "NHWC" else (shape[2], shape[3])
+    if not max(h, w) <= side < (1 << 16):
+        raise ModelCardError(f"{where}: resize shorter_side {side} must be at least the input's size ({h}x{w})")
+    method = d.get("method", "bilinear")
+    if method not in RESIZE_METHODS:
+        raise ModelCardError(f"{where}: resize method must be one of {', '.join(RESIZE_METHODS)}")
+    if d.get("crop", "center") != "center":
+        raise ModelCardError(f"{where}: resize crop must be 'center'")
+    return ResizeSpec(side, method, "center")
+
+
 def parse_card(data: Any, card_path: Path) -> ModelCard:
     """A card from its parsed JSON. Raises ModelCardError (and nothing else) for anything malformed."""
     where = str(card_path)
     if not isinstance(data, dict):
         raise ModelCardError(f"{where}: expected a JSON object")
-    if _req(data, "schema", int, where) != 1:
-        raise ModelCardError(f"{where}: unsupported card schema {data['schema']} (this version reads 1)")
+    schema = _req(data, "schema", int, where)
+    if schema not in CARD_SCHEMAS:
+        raise ModelCardError(f"{where}: unsupported card schema {schema} (this version reads "
+                             f"{', '.join(map(str, CARD_SCHEMAS))}): upgrade edge-infer to use this model")
     inp = _req(data, "input", dict, where)
     out = _req(data, "output", dict, where)
     labels = tuple(_req(data, "labels", list, where))
@@ -155,6 +195,7 @@ def parse_card(data: Any, card_path: Path) -> ModelCard:
         pixel_scale=_number(inp, "pixel_scale", 255.0, where + " input"),
         mean=_number(inp, "mean", 0.0, where + " input"), std=std,
         quantization=_quant(inp.get("quantization"), in_dtype, where + " input"),
+        resize=_resize(inp.get("resize"), schema, shape, layout, where + " input"),
     )
     if spec.channels != (1 if color == "L" else 3):
         raise ModelCardError(f"{where}: input color {color} does not match {spec.channels} channels")

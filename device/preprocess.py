@@ -15,7 +15,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from .errors import EdgeInferError
-from .modelcard import InputSpec
+from .modelcard import InputSpec, ResizeSpec
 
 #: Formats accepted from the network and the spool (content type -> Pillow format).
 CONTENT_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/bmp": "BMP",
@@ -236,6 +236,23 @@ def resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     return img.resize((w, h), Image.BOX if h0 > h else Image.BILINEAR)
 
 
+_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+def resize_and_crop(img: Image.Image, spec: ResizeSpec, size: tuple[int, int]) -> Image.Image:
+    """A photo to a model's input as torchvision's Resize(shorter_side) then CenterCrop(size) do it
+    on a Pillow image, to the pixel: the pipeline photo models are trained and evaluated with.
+
+    The longer side is truncated (``int``), and the crop offsets rounded half to even, as there."""
+    (w0, h0), (w, h) = img.size, size
+    s = spec.shorter_side
+    nw, nh = (s, int(s * h0 / w0)) if w0 <= h0 else (int(s * w0 / h0), s)
+    if (nw, nh) != (w0, h0):
+        img = img.resize((max(nw, w), max(nh, h)), _FILTERS[spec.method])
+    top, left = int(round((img.height - h) / 2.0)), int(round((img.width - w) / 2.0))
+    return img.crop((left, top, left + w, top + h))
+
+
 class Preprocessor:
     """Turns uint8 images into the model's input tensor, as the card says.
 
@@ -264,12 +281,14 @@ class Preprocessor:
         if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in (3, 4)):
             raise ImageError(f"expected an image array (H, W) or (H, W, 3), got shape {pixels.shape}")
         want_gray = spec.color == "L"
-        if pixels.ndim == 2 and want_gray and pixels.shape == (spec.height, spec.width):
+        if pixels.ndim == 2 and want_gray and pixels.shape == (spec.height, spec.width) and spec.resize is None:
             return pixels  # the common fast path: already the right size
         if pixels.ndim == 3 and pixels.shape[2] == 4:
             pixels = _premultiply(pixels[..., :3], pixels[..., 3:])   # as decode_image treats alpha
         img = Image.fromarray(pixels)
         img = img.convert("L" if want_gray else "RGB")
+        if spec.resize is not None:
+            return np.asarray(resize_and_crop(img, spec.resize, (spec.width, spec.height)), dtype=np.uint8)
         return np.asarray(resize(img, (spec.width, spec.height)), dtype=np.uint8)
 
     def to_tensor(self, pixels: np.ndarray) -> np.ndarray:
