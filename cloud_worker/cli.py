@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from edge_infer.errors import EdgeInferError
 from edge_infer.identity import check_tls_identity, worker_cn
@@ -84,6 +85,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .model import CloudModel
     model = CloudModel(args.card)
+    if args.photos:
+        return _evaluate_photos(model, Path(args.photos))
     if args.npz:
         data = load_npz(args.npz)
     else:
@@ -104,6 +107,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_photos(model, folder: Path) -> int:
+    """Each photo's label and confidence, decoded and preprocessed as a sample would be."""
+    from edge_infer.preprocess import ImageError, decode_image
+    from edge_infer.tools.photos import list_photos
+    photos = list_photos(folder, model.card.labels)
+    rows = []
+    for photo in photos:
+        try:
+            pixels = decode_image(photo.path.read_bytes()).pixels
+        except (OSError, ImageError) as exc:
+            rows.append({"file": str(photo.path), "error": str(exc)})
+            continue
+        labels, confs = model.predict([pixels])
+        rows.append({"file": str(photo.path), "truth": photo.label, "label": int(labels[0]),
+                     "label_name": model.card.labels[int(labels[0])], "confidence": round(float(confs[0]), 4)})
+    scored = [r for r in rows if r.get("truth") is not None]
+    acc = sum(r["label"] == r["truth"] for r in scored) / len(scored) if scored else None
+    print(json.dumps({"model": model.card.model_id, "runtime": model.runtime, "images": len(rows),
+                      "scored": len(scored), "accuracy": acc, "photos": rows}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-infer-cloud-worker", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -119,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="Fashion-MNIST IDX folder (default: the Debian package's)")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--npz", help="an .npz with 'images' and 'labels' instead")
+    e.add_argument("--photos", help="a folder of photos instead (edge_infer.tools.photos: labels from foolbox-style "
+                                    "names or class folders); prints each photo's label")
     e.add_argument("--limit", type=int, default=0)
     e.add_argument("--predictions", help="write the predicted labels here (.npy)")
     e.set_defaults(func=cmd_evaluate)
