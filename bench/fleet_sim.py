@@ -247,22 +247,29 @@ class Workers:
         for p in self.procs:
             stop_process(p, timeout=10)
         for tag in self.ids:
-            BATCH_SIZES[tag] = batch_sizes(self.tmp / f"{tag}.log")
+            counters = final_counters(self.tmp / f"{tag}.log")
+            BATCH_SIZES[tag] = batch_sizes(counters)
+            MODEL_BUSY_S[tag] = counters.get("model_busy_us", 0) / 1e6
 
 
 #: worker id -> its batch-size histogram (bucket -> batches), from the counters it logs when it stops
 BATCH_SIZES: dict[str, dict[str, int]] = {}
+#: worker id -> seconds it spent inside the model, from the same counters
+MODEL_BUSY_S: dict[str, float] = {}
 
 
-def batch_sizes(log_file: Path) -> dict[str, int]:
+def final_counters(log_file: Path) -> dict[str, int]:
     import ast
     for line in reversed(log_file.read_text(errors="replace").splitlines()):
         if " stopped: {" in line:
-            counters = ast.literal_eval(line[line.index(" stopped: {") + len(" stopped: "):])
-            return {k[len("batch_size_"):]: v for k, v in sorted(counters.items(), key=lambda kv: int(
-                kv[0][len("batch_size_"):].split("-")[0]) if kv[0].startswith("batch_size_") else 0)
-                if k.startswith("batch_size_")}
+            return ast.literal_eval(line[line.index(" stopped: {") + len(" stopped: "):])
     return {}
+
+
+def batch_sizes(counters: dict[str, int]) -> dict[str, int]:
+    return {k[len("batch_size_"):]: v for k, v in sorted(counters.items(), key=lambda kv: int(
+        kv[0][len("batch_size_"):].split("-")[0]) if kv[0].startswith("batch_size_") else 0)
+        if k.startswith("batch_size_")}
 
 
 def bare_rate(images: np.ndarray, batch: int, threads: int, repeats: int) -> list[float]:
@@ -351,14 +358,19 @@ def main() -> int:
             print(f"{a.devices} simulated devices connected and subscribed in {time.monotonic() - t0:.1f}s",
                   flush=True)
 
+            busy_share: dict[str, float] = {}
+
             def drains(tag: str, k: int, **kw) -> list[float]:
                 w = Workers(tmp, broker.port, k, tag=tag, **kw)
                 try:
                     w.wait_online(broker.port)
                     fleet.pump(until=lambda: False, seconds=0.5)
-                    return [drain_rate(fleet, w, a.queued, broker_pid=broker.proc.pid) for _ in range(a.repeats)]
+                    rates = [drain_rate(fleet, w, a.queued, broker_pid=broker.proc.pid) for _ in range(a.repeats)]
                 finally:
                     w.stop()
+                # the workers run their model only while draining: its share of the drains' time
+                busy_share[tag] = sum(MODEL_BUSY_S[i] for i in w.ids) / (k * sum(a.queued / r for r in rates))
+                return rates
 
             print("draining queued samples: 1 worker, batch 32 ...", flush=True)
             w32 = drains("d32-", 1)
@@ -370,10 +382,14 @@ def main() -> int:
             print("... 1 and 2 workers with one onnxruntime thread each ...", flush=True)
             s1 = drains("s1-", 1, threads=1)
             s2 = drains("s2-", 2, threads=1)
+            print("... 1 worker, one thread, Python's default 5 ms GIL switch interval ...", flush=True)
+            s1py = drains("s1py-", 1, threads=1, switch_us=0)
+            report["model_busy_share_while_draining"] = busy_share
             report["drain_cpu_1worker_batch32"] = {k: mmm([c[k] for c in cpu32]) for k in cpu32[0]}
             report["drain_corrections_per_s"] = {"1worker_batch32": mmm(w32), "1worker_batch32_spin": mmm(w32s),
                                                  "1worker_batch1": mmm(w1),
-                                                 "1worker_1thread": mmm(s1), "2workers_1thread": mmm(s2)}
+                                                 "1worker_1thread": mmm(s1), "2workers_1thread": mmm(s2),
+                                                 "1worker_1thread_python_switch": mmm(s1py)}
 
             # --- latency against offered load ---------------------------------------------------------------
             loads = [float(x) for x in a.loads.split(",")]
@@ -437,6 +453,10 @@ def main() -> int:
     ratio = mmm([x / statistics.median(bare32) for x in w32])
     report["worker_over_bare"] = ratio
     report["worker_spin_over_bare"] = mmm([x / statistics.median(bare32) for x in w32s])
+    # One onnxruntime thread per worker is the deployed default (one instance per core): its
+    # model thread can have a core to itself while the MQTT work runs on the other.
+    report["worker_over_bare_1thread"] = mmm([x / statistics.median(bare32_1t) for x in s1])
+    report["worker_over_bare_1thread_python_switch"] = mmm([x / statistics.median(bare32_1t) for x in s1py])
     report["batching_gain"] = mmm([x / statistics.median(w1) for x in w32])
     report["scaling_2_over_1"] = mmm([x / statistics.median(s1) for x in s2])
     report["batch_sizes"] = {k: v for k, v in BATCH_SIZES.items() if k.startswith(("d32-", "lat-", "low-dynamic-"))}
@@ -449,6 +469,12 @@ def main() -> int:
     print(f"worker draining {a.queued} queued: {fmt(d['1worker_batch32'], ' corrections/s')}")
     print(f"worker / bare:                   {fmt(ratio, '', 2)}  (with spinning threads: "
           f"{fmt(mmm([x / statistics.median(bare32) for x in w32s]), '', 2)})")
+    print(f"worker / bare, 1 thread each:    {fmt(report['worker_over_bare_1thread'], '', 2)}  "
+          f"(bare {fmt(bare['batch32_1thread'], '/s')}, worker {fmt(d['1worker_1thread'], '/s')}; with Python's "
+          f"5 ms GIL switch interval {fmt(report['worker_over_bare_1thread_python_switch'], '', 2)})")
+    busy = report["model_busy_share_while_draining"]
+    print(f"model busy while draining:       {busy['s1-']:.0%} (1 thread), {busy['s1py-']:.0%} (1 thread, Python's "
+          f"switch interval), {busy['d32-']:.0%} (onnxruntime's default threads)")
     dc = report["drain_cpu_1worker_batch32"]
     print(f"CPU per sample: worker {fmt(dc['worker_us_per_correction'], ' us')}, bare "
           f"{fmt(report['bare_cpu_us_per_image_batch32'], ' us')}; while draining the simulator took "

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 #: Counters the status always carries, at 0 until they happen: a dashboard must
 #: read "none yet", not a missing key. Anything else counted is listed as well.
 KNOWN_COUNTERS: tuple[str, ...] = (
-    "received", "corrected", "batches", "rejected", "error_replies", "replies_refused", "connects", "intake_errors",
+    "received", "corrected", "batches", "model_busy_us", "rejected", "error_replies", "replies_refused", "connects", "intake_errors",
     *(f"rejected_{code}" for code in protocol.SAMPLE_ERROR_CODES),
 )
 
@@ -271,6 +271,9 @@ class CloudWorker:
                 self._reject(r.msg, "model_error", f"cloud model failed: {exc}", r.req)
             return
         self.counters.inc("batches")
+        # Time inside the model: over wall time, how model-bound the worker is (1.0 under a backlog
+        # means MQTT and decoding never kept the model waiting).
+        self.counters.inc("model_busy_us", int(model_s * 1e6))
         self.counters.inc(f"batch_size_{size_bucket(len(batch))}")
         if self.metrics is not None:
             self.metrics.observe_batch(len(batch), model_s)
