@@ -37,10 +37,12 @@ from edge_infer.backends.isolated import IsolatedBackend, IsolationSettings  # n
 from edge_infer.classifier import Classifier  # noqa: E402
 from edge_infer.config import ModelConfig, PolicyConfig  # noqa: E402
 from edge_infer.modelcard import load_card, verified_model_bytes  # noqa: E402
-from edge_infer.preprocess import Preprocessor  # noqa: E402
+from edge_infer.preprocess import Preprocessor, decode_image  # noqa: E402
+from edge_infer.tools.photos import FOOLBOX_INSTALL, foolbox_photos_dir, list_photos  # noqa: E402
 from edge_infer.tools.datasets import load_fashion_mnist  # noqa: E402
 
-EDGE_CARD = REPO / "models" / "fmnist-edge-v1" / "card.json"
+EDGE_CARDS = {"fmnist": REPO / "models" / "fmnist-edge-v1" / "card.json",
+              "imagenet": REPO / "models" / "imagenet-edge-lite0-v1" / "card.json"}
 
 
 def per_input_us(run, items) -> float:
@@ -98,11 +100,25 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=5000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--kills", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=Path("out/bench-isolation.json"))
+    ap.add_argument("--models", choices=sorted(EDGE_CARDS), default="fmnist",
+                    help="imagenet: EfficientNet-Lite0 int8 on photos (default: foolbox's 20, cycled to --images)")
+    ap.add_argument("--photos", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="default: out/bench-isolation[-imagenet].json")
     args = ap.parse_args()
+    args.out = args.out or Path("out/bench-isolation.json" if args.models == "fmnist"
+                                else "out/bench-isolation-imagenet.json")
 
-    images = load_fashion_mnist("t10k").images[: args.images]
-    card = load_card(EDGE_CARD)
+    edge_card = EDGE_CARDS[args.models]
+    card = load_card(edge_card)
+    if args.models == "fmnist":
+        images = load_fashion_mnist("t10k").images[: args.images]
+    else:
+        folder = args.photos or foolbox_photos_dir()
+        if folder is None:
+            print(f"no photos: pass --photos DIR or {FOOLBOX_INSTALL}", file=sys.stderr)
+            return 2
+        paths = [p.path for p in list_photos(folder, card.labels)]
+        images = [decode_image(paths[i % len(paths)].read_bytes()).pixels for i in range(args.images)]
     pre = Preprocessor(card.input)
     tensors = [pre.batch(pre.fit(im)[None]) for im in images]
     opts = default_options("tflite-cpu")
@@ -120,8 +136,8 @@ def main() -> int:
     inproc.close()
 
     policy = PolicyConfig()
-    with Classifier(ModelConfig(card=EDGE_CARD), policy) as c_in, \
-            Classifier(ModelConfig(card=EDGE_CARD, isolate=True), policy) as c_iso:
+    with Classifier(ModelConfig(card=edge_card), policy) as c_in, \
+            Classifier(ModelConfig(card=edge_card, isolate=True), policy) as c_iso:
         c_in.infer(images[0])
         c_iso.infer(images[0])
         k_in, k_iso = alternate([c_in.infer, c_iso.infer], list(images), args.rounds)
