@@ -89,7 +89,7 @@ class BackendEntry:
     accelerator: bool = False
 
 
-#: name -> entry. The Edge TPU and TensorRT backends join here, one line each.
+#: name -> entry. A new backend joins here, one line each.
 REGISTRY: dict[str, BackendEntry] = {
     "tflite-cpu": BackendEntry("edge_infer.backends.tflite_cpu", ("tflite",),
                                summary="TFLite on the CPU (ai-edge-litert or tflite-runtime)"),
@@ -98,6 +98,9 @@ REGISTRY: dict[str, BackendEntry] = {
     "edgetpu": BackendEntry("edge_infer.backends.edgetpu", ("tflite",),
                             summary="Coral Edge TPU (USB, PCIe/M.2, Dev Board): libedgetpu as a TFLite delegate, "
                                     "for models compiled by edgetpu_compiler", accelerator=True),
+    "tensorrt": BackendEntry("edge_infer.backends.tensorrt", ("onnx",),
+                             summary="NVIDIA GPU (Jetson, x86-64): a TensorRT engine built from the ONNX model and "
+                                     "cached; FP16 or INT8 by the model's own types (Q/DQ)", accelerator=True),
 }
 
 

@@ -2,7 +2,7 @@
 
 Each backend runs a shipped model of its format. A backend whose runtime is
 not installed here is skipped with the reason its probe gives; backends that
-need an accelerator carry the ``hardware`` marker (the Edge TPU; TensorRT will).
+need an accelerator carry the ``hardware`` marker (the Edge TPU, TensorRT).
 """
 from __future__ import annotations
 
@@ -25,16 +25,19 @@ from ..conftest import CLOUD_CARD, EDGE_CARD, REPO
 
 #: the Edge TPU model, made by models/recipes/fmnist/compile_edgetpu.py where edgetpu_compiler runs
 EDGETPU_CARD = REPO / "models" / "fmnist-edge-v1-edgetpu" / "card.json"
+#: the edge model's INT8 (Q/DQ) ONNX export, made by models/recipes/fmnist/export_trt_onnx.py
+TENSORRT_CARD = REPO / "models" / "fmnist-edge-v1-trt" / "card_int8.json"
 #: a shipped model each backend runs; a new backend adds its line here
 MODELS = {"tflite-cpu": EDGE_CARD, "onnxruntime": CLOUD_CARD,
-          "edgetpu": EDGETPU_CARD if EDGETPU_CARD.exists() else EDGE_CARD}
+          "edgetpu": EDGETPU_CARD if EDGETPU_CARD.exists() else EDGE_CARD, "tensorrt": TENSORRT_CARD}
 #: backends that need an accelerator (run with `pytest -m hardware` on the device)
-HARDWARE: set[str] = {"edgetpu"}
+HARDWARE: set[str] = {"edgetpu", "tensorrt"}
 #: the modules each backend's runtime comes from, to simulate a machine without it
 RUNTIME_MODULES = {
     "tflite-cpu": ("ai_edge_litert", "ai_edge_litert.interpreter", "tflite_runtime", "tflite_runtime.interpreter"),
     "onnxruntime": ("onnxruntime",),
     "edgetpu": ("ai_edge_litert", "ai_edge_litert.interpreter", "tflite_runtime", "tflite_runtime.interpreter"),
+    "tensorrt": ("tensorrt", "tensorrt_bindings"),
 }
 
 
@@ -201,7 +204,7 @@ def test_options_of_another_backend_are_a_programming_error():
 
 def test_unknown_backend_names_the_known_ones():
     with pytest.raises(BackendError, match=r"unknown backend 'tflite-gpu' \(did you mean 'tflite-cpu'\?\); "
-                                           r"known backends: edgetpu, onnxruntime, tflite-cpu") as exc:
+                                           r"known backends: edgetpu, onnxruntime, tensorrt, tflite-cpu") as exc:
         check_backend("tflite-gpu")
     assert exc.value.exit_code == 2
 

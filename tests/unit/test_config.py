@@ -106,8 +106,9 @@ def test_backend_tables_are_each_backends_own_options():
 @pytest.mark.parametrize("table, needle", [
     ({**BASE, "model": {"card": "c", "backend": "tflite-gpu"}},
      "model.backend = 'tflite-gpu': unknown backend (did you mean 'tflite-cpu'?); known backends: edgetpu, "
-     "onnxruntime, tflite-cpu"),
-    ({**BASE, "backend": {"tensorrt": {"engine": "x"}}}, "[backend.tensorrt]: unknown backend 'tensorrt'"),
+     "onnxruntime, tensorrt, tflite-cpu"),
+    ({**BASE, "backend": {"openvino": {"device": "x"}}}, "[backend.openvino]: unknown backend 'openvino'"),
+    ({**BASE, "backend": {"tensorrt": {"engine": "x"}}}, "unknown key 'backend.tensorrt.engine'"),
     ({**BASE, "backend": {"edgetpu": {"device": "usb0"}}}, "backend.edgetpu.device = 'usb0': must be"),
     ({**BASE, "backend": {"edgetpu": {"device": "/dev/apex_0"}}}, 'name the device, not its node: "pci:0"'),
     ({**BASE, "backend": {"edgetpu": {"performance": "max"}}}, "needs an indexed device"),
