@@ -246,7 +246,12 @@ class _Cuda:
         return value[0] if len(value) == 1 else tuple(value)
 
     def gpu(self, index: int) -> Gpu:
-        count = self.call("cudaGetDeviceCount", self.rt.cudaGetDeviceCount())
+        try:
+            result = self.rt.cudaGetDeviceCount()
+        except Exception as exc:   # cuda-python raises when it cannot load the CUDA runtime or driver library
+            raise BackendError(f"the CUDA runtime does not load ({exc}); {GPU_HINT}", transient=True,
+                               exit_code=2) from None
+        count = self.call("cudaGetDeviceCount", result)
         if count == 0:
             raise BackendError(f"no CUDA GPU found; {GPU_HINT}", transient=True, exit_code=2)
         if index >= count:
@@ -259,8 +264,8 @@ class _Cuda:
 
 
 def probe(options: Options) -> str:
-    """"TensorRT 10.3.0 + cuda-python 12.6.2; GPU 0: Orin (...)": the runtimes load and a GPU answers (no model,
-    no engine, no CUDA context)."""
+    """"TensorRT 10.3.0 + cuda-python 12.6.2; GPU 0: Orin (...)": the runtimes load and a GPU answers (device
+    queries only: no model, no engine, no allocation)."""
     _, trt_runtime = import_tensorrt()
     cudart, cuda_runtime = import_cudart()
     gpu = _Cuda(cudart).gpu(options.device)
@@ -320,7 +325,8 @@ def build_engine(trt: Any, logger: _Logger, card: ModelCard, model_bytes: bytes,
     network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, logger.trt_logger)
     if not parser.parse(model_bytes):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or logger.last_errors()
+        found = [parser.get_error(i) for i in range(parser.num_errors)]
+        errors = "; ".join(e.desc() if hasattr(e, "desc") else str(e) for e in found) or logger.last_errors()
         raise BackendError(f"TensorRT cannot load {card.file}: its ONNX parser refused it ({errors}). Is it an "
                            "ONNX model of an opset this TensorRT reads? Check it with `polygraphy inspect model`")
     config = builder.create_builder_config()
