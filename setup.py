@@ -44,8 +44,12 @@ setup(
         "tools": TOOLS,
         # `edge-infer calibrate` draws the offload curve (an ML engineer's tool, not a device dependency)
         "calibrate": ["matplotlib>=3.6", *TOOLS],
+        # the TensorRT backend on a Jetson or an NVIDIA GPU host: TensorRT's Python bindings come with
+        # JetPack (or NVIDIA's wheels); cuda-python allocates its buffers (docs/backends.md)
+        "tensorrt": ["cuda-python>=12.6,<14"],
+        # onnx: the tests check the structure of the TensorRT Q/DQ model
         "dev": ["pytest>=8", "ruff>=0.5", "systemd-python>=234", "hypothesis>=6.100", "cryptography>=42",
-                "prometheus_client>=0.20", *TOOLS],
+                "prometheus_client>=0.20", "onnx>=1.16", *TOOLS],
     },
     entry_points={
         "console_scripts": [

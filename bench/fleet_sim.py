@@ -14,7 +14,10 @@ are real `edge-infer-cloud-worker` processes in one shared-subscription group.
 It prints, measured in this one run (min/median/max over --repeats where repeated):
   1. worker/bare: corrections/s of one worker draining --queued samples queued in the
      broker (workers SIGSTOPped while they are published, then resumed) against bare
-     onnxruntime on the same decoded images at the same batch size and threads;
+     onnxruntime on the same decoded images at the same batch size and threads, run just
+     before each drain so that both of a pair see the same load on the machine: with
+     onnxruntime's default threads, and with one thread (the deployed default, one worker
+     per core), with and without the worker's shorter GIL switch interval;
   2. batching gain: the same drain with max_batch_size 32 against 1;
   3. scaling: 2 workers against 1 (one onnxruntime thread each);
   4. latency against offered load (1 worker, defaults): p50/p95/p99 of the time from a
@@ -272,23 +275,33 @@ def batch_sizes(counters: dict[str, int]) -> dict[str, int]:
         if k.startswith("batch_size_")}
 
 
-def bare_rate(images: np.ndarray, batch: int, threads: int, repeats: int) -> list[float]:
-    """Images/s of onnxruntime alone on the decoded, fitted images (what a worker feeds it), with
-    onnxruntime's defaults (its threads spin between runs: the faster, harder baseline)."""
-    from edge_infer_cloud.model import CloudModel
-    model = CloudModel(CLOUD_CARD, threads, spin_wait=True)
-    fitted = [model.pre.fit(im) for im in images]
-    rates = []
-    for _ in range(repeats):
+class Bare:
+    """onnxruntime alone on the decoded, fitted images (what a worker feeds it), with its threads
+    spinning between runs (the faster, harder baseline): one session per thread count."""
+
+    def __init__(self, images: np.ndarray, batch: int = 32) -> None:
+        from edge_infer_cloud.model import CloudModel
+        self._model = lambda threads: CloudModel(CLOUD_CARD, threads, spin_wait=True)
+        self._models: dict = {}
+        self.batch = batch
+        self.images = images
+        self.fitted: list[np.ndarray] | None = None
+
+    def rate(self, threads: int) -> float:
+        """Images/s of one pass over the images; records its CPU per image in BARE_CPU[threads]."""
+        if threads not in self._models:
+            self._models[threads] = self._model(threads)
+        model = self._models[threads]
+        if self.fitted is None:
+            self.fitted = [model.pre.fit(im) for im in self.images]
         t0, c0 = time.perf_counter(), time.process_time()
-        for i in range(0, len(fitted), batch):
-            model.predict_fitted_batch(fitted[i:i + batch])
-        rates.append(len(fitted) / (time.perf_counter() - t0))
-        BARE_CPU.append((time.process_time() - c0) / len(fitted) * 1e6)
-    return rates
+        for i in range(0, len(self.fitted), self.batch):
+            model.predict_fitted_batch(self.fitted[i:i + self.batch])
+        BARE_CPU.setdefault(threads, []).append((time.process_time() - c0) / len(self.fitted) * 1e6)
+        return len(self.fitted) / (time.perf_counter() - t0)
 
 
-BARE_CPU: list[float] = []   # CPU us per image of the bare runs
+BARE_CPU: dict[int, list[float]] = {}   # onnxruntime threads -> CPU us per image of each bare pass
 
 
 DRAIN_CPU: list[dict] = []   # per drain: CPU per correction of the workers, and the others' share of the cores
@@ -342,11 +355,9 @@ def main() -> int:
     payloads = [encode_sample(im) for im in images]
     report: dict = {"devices": a.devices, "queued": a.queued, "repeats": a.repeats, "cores": os.cpu_count()}
 
-    print(f"bare onnxruntime on {len(images)} decoded images ...", flush=True)
-    bare32 = bare_rate(images, 32, 0, a.repeats)
-    report["bare_cpu_us_per_image_batch32"] = mmm(BARE_CPU)
-    bare32_1t = bare_rate(images, 32, 1, a.repeats)
-    report["bare_images_per_s"] = {"batch32": mmm(bare32), "batch32_1thread": mmm(bare32_1t)}
+    bare = Bare(images)
+    bare.rate(0), bare.rate(1)                     # load both sessions, warm them
+    BARE_CPU.clear()
 
     with tempfile.TemporaryDirectory(prefix="fleet-sim-") as d:
         tmp = Path(d)
@@ -359,13 +370,21 @@ def main() -> int:
                   flush=True)
 
             busy_share: dict[str, float] = {}
+            #: tag -> bare images/s measured just before each of its drains (the pair of each ratio)
+            paired: dict[str, list[float]] = {}
 
-            def drains(tag: str, k: int, **kw) -> list[float]:
+            def drains(tag: str, k: int, *, pair: int | None = None, **kw) -> list[float]:
+                """``pair``: run bare onnxruntime with that many threads right before each drain, so
+                that each worker/bare ratio compares two runs under the same load of the machine."""
                 w = Workers(tmp, broker.port, k, tag=tag, **kw)
+                rates = []
                 try:
                     w.wait_online(broker.port)
                     fleet.pump(until=lambda: False, seconds=0.5)
-                    rates = [drain_rate(fleet, w, a.queued, broker_pid=broker.proc.pid) for _ in range(a.repeats)]
+                    for _ in range(a.repeats):
+                        if pair is not None:
+                            paired.setdefault(tag, []).append(bare.rate(pair))
+                        rates.append(drain_rate(fleet, w, a.queued, broker_pid=broker.proc.pid))
                 finally:
                     w.stop()
                 # the workers run their model only while draining: its share of the drains' time
@@ -373,17 +392,21 @@ def main() -> int:
                 return rates
 
             print("draining queued samples: 1 worker, batch 32 ...", flush=True)
-            w32 = drains("d32-", 1)
+            w32 = drains("d32-", 1, pair=0)
             cpu32 = list(DRAIN_CPU)
             print("... batch 32, onnxruntime threads spinning ...", flush=True)
-            w32s = drains("d32s-", 1, spin=True)
+            w32s = drains("d32s-", 1, spin=True, pair=0)
             print("... batch 1 ...", flush=True)
             w1 = drains("d1-", 1, batch=1)
             print("... 1 and 2 workers with one onnxruntime thread each ...", flush=True)
-            s1 = drains("s1-", 1, threads=1)
+            s1 = drains("s1-", 1, threads=1, pair=1)
             s2 = drains("s2-", 2, threads=1)
             print("... 1 worker, one thread, Python's default 5 ms GIL switch interval ...", flush=True)
-            s1py = drains("s1py-", 1, threads=1, switch_us=0)
+            s1py = drains("s1py-", 1, threads=1, switch_us=0, pair=1)
+            report["bare_images_per_s"] = {"batch32": mmm(paired["d32-"] + paired["d32s-"]),
+                                           "batch32_1thread": mmm(paired["s1-"] + paired["s1py-"])}
+            report["bare_cpu_us_per_image_batch32"] = mmm(BARE_CPU[0])
+            report["paired_bare_images_per_s"] = paired
             report["model_busy_share_while_draining"] = busy_share
             report["drain_cpu_1worker_batch32"] = {k: mmm([c[k] for c in cpu32]) for k in cpu32[0]}
             report["drain_corrections_per_s"] = {"1worker_batch32": mmm(w32), "1worker_batch32_spin": mmm(w32s),
@@ -450,13 +473,15 @@ def main() -> int:
 
     d = report["drain_corrections_per_s"]
     bare = report["bare_images_per_s"]
-    ratio = mmm([x / statistics.median(bare32) for x in w32])
+    def over(tag: str, rates: list[float]) -> dict[str, float]:
+        return mmm([x / b for x, b in zip(rates, report["paired_bare_images_per_s"][tag])])
+    ratio = over("d32-", w32)
     report["worker_over_bare"] = ratio
-    report["worker_spin_over_bare"] = mmm([x / statistics.median(bare32) for x in w32s])
+    report["worker_spin_over_bare"] = over("d32s-", w32s)
     # One onnxruntime thread per worker is the deployed default (one instance per core): its
     # model thread can have a core to itself while the MQTT work runs on the other.
-    report["worker_over_bare_1thread"] = mmm([x / statistics.median(bare32_1t) for x in s1])
-    report["worker_over_bare_1thread_python_switch"] = mmm([x / statistics.median(bare32_1t) for x in s1py])
+    report["worker_over_bare_1thread"] = over("s1-", s1)
+    report["worker_over_bare_1thread_python_switch"] = over("s1py-", s1py)
     report["batching_gain"] = mmm([x / statistics.median(w1) for x in w32])
     report["scaling_2_over_1"] = mmm([x / statistics.median(s1) for x in s2])
     report["batch_sizes"] = {k: v for k, v in BATCH_SIZES.items() if k.startswith(("d32-", "lat-", "low-dynamic-"))}
@@ -468,7 +493,7 @@ def main() -> int:
     print(f"bare onnxruntime batch 32:       {fmt(bare['batch32'], ' images/s')}")
     print(f"worker draining {a.queued} queued: {fmt(d['1worker_batch32'], ' corrections/s')}")
     print(f"worker / bare:                   {fmt(ratio, '', 2)}  (with spinning threads: "
-          f"{fmt(mmm([x / statistics.median(bare32) for x in w32s]), '', 2)})")
+          f"{fmt(report['worker_spin_over_bare'], '', 2)}; each ratio against bare run just before its drain)")
     print(f"worker / bare, 1 thread each:    {fmt(report['worker_over_bare_1thread'], '', 2)}  "
           f"(bare {fmt(bare['batch32_1thread'], '/s')}, worker {fmt(d['1worker_1thread'], '/s')}; with Python's "
           f"5 ms GIL switch interval {fmt(report['worker_over_bare_1thread_python_switch'], '', 2)})")

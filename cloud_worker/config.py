@@ -22,6 +22,8 @@ class CloudModelConfig:
     graph_optimization: str = option("all", help="onnxruntime graph optimisation: disabled, basic, extended, all",
                                      check=one_of("disabled", "basic", "extended", "all"))
     device_id: int = option(0, help="GPU index for the cuda and tensorrt providers", check=in_range(0, 64))
+    trt_engine_cache_dir: str = option("", help="where the tensorrt provider keeps the engines it builds, so that "
+                                              "a restart does not build them again (minutes); \"\" = no cache")
     spin_wait: bool = option(False, help="let onnxruntime's threads spin between runs: a little faster back to back, "
                                          "but an idle worker then burns its cores")
 

@@ -1,7 +1,6 @@
 """The large model, run with onnxruntime, preprocessing from its card."""
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 from typing import Sequence
 
@@ -24,12 +23,15 @@ class ProviderError(ModelCardError):
     """None of the configured execution providers can run here."""
 
 
-def session_providers(wanted: Sequence[str], available: Sequence[str], device_id: int = 0) -> list:
+def session_providers(wanted: Sequence[str], available: Sequence[str], device_id: int = 0,
+                      trt_engine_cache_dir: str = "") -> list:
     """The providers (with their options) to give onnxruntime: the configured ones this build has, in order.
 
     The CPU provider always ends the list, as onnxruntime's own fallback for ops a GPU provider
     does not take; a configured GPU provider missing from this build is an error naming the
-    package to install, not a silent CPU run.
+    package to install, not a silent CPU run. ``trt_engine_cache_dir``: where the TensorRT provider
+    keeps the engines it builds (building one takes minutes at the first start; onnxruntime keys
+    the files by model, shapes and TensorRT version).
     """
     missing = [w for w in wanted if PROVIDERS[w] not in available]
     if missing:
@@ -40,7 +42,11 @@ def session_providers(wanted: Sequence[str], available: Sequence[str], device_id
     out: list = []
     for w in wanted:
         name = PROVIDERS[w]
-        out.append((name, {"device_id": device_id}) if w in ("cuda", "tensorrt") else name)
+        if w == "tensorrt" and trt_engine_cache_dir:
+            out.append((name, {"device_id": device_id, "trt_engine_cache_enable": True,
+                               "trt_engine_cache_path": trt_engine_cache_dir}))
+        else:
+            out.append((name, {"device_id": device_id}) if w in ("cuda", "tensorrt") else name)
     if "cpu" not in wanted:
         out.append(PROVIDERS["cpu"])
     return out
@@ -48,7 +54,8 @@ def session_providers(wanted: Sequence[str], available: Sequence[str], device_id
 
 class CloudModel:
     def __init__(self, card_path, intra_op_threads: int = 0, *, providers: Sequence[str] = ("cpu",),
-                 graph_optimization: str = "all", device_id: int = 0, spin_wait: bool = False) -> None:
+                 graph_optimization: str = "all", device_id: int = 0, spin_wait: bool = False,
+                 trt_engine_cache_dir: str = "") -> None:
         import onnxruntime as ort  # the cloud extra; imported here so the module loads without it
 
         self.card: ModelCard = load_card(card_path)
@@ -63,12 +70,14 @@ class CloudModel:
         spin = "1" if spin_wait else "0"
         opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
         opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
-        chosen = session_providers(providers, ort.get_available_providers(), device_id)
+        chosen = session_providers(providers, ort.get_available_providers(), device_id, trt_engine_cache_dir)
         self.session = ort.InferenceSession(verified_model_bytes(self.card), sess_options=opts, providers=chosen)
         self.providers = self.session.get_providers()
         self.input_name = self.session.get_inputs()[0].name
         self.pre = Preprocessor(self.card.input)
-        self.runtime = f"onnxruntime {importlib.metadata.version('onnxruntime')} ({self.providers[0]})"
+        # ort.__version__, not the distribution's metadata: onnxruntime-gpu installs the same module
+        # under another distribution name, and looking up 'onnxruntime' then fails.
+        self.runtime = f"onnxruntime {ort.__version__} ({self.providers[0]})"
         log.info("loaded %s with %s", self.card.model_id, self.runtime)
 
     def predict(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -92,7 +92,7 @@ class CloudWorker:
         m = self.cfg.model
         self.model = CloudModel(m.card, m.intra_op_threads, providers=m.providers,
                                 graph_optimization=m.graph_optimization, device_id=m.device_id,
-                                spin_wait=m.spin_wait)
+                                spin_wait=m.spin_wait, trt_engine_cache_dir=m.trt_engine_cache_dir)
         topic = protocol.shared_samples_filter(self.cfg.mqtt.topic_prefix, self.cfg.worker.group)
         self.status_topic = protocol.worker_status_topic(self.cfg.mqtt.topic_prefix, self.worker_id)
         # A clean, non-persistent session: a stopped worker must not keep a share of the

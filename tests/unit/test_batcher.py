@@ -84,6 +84,9 @@ def test_providers_keep_the_configured_order_and_end_with_the_cpu():
         ("TensorrtExecutionProvider", {"device_id": 1}), ("CUDAExecutionProvider", {"device_id": 1}),
         "CPUExecutionProvider"]
     assert session_providers(["cpu"], avail) == ["CPUExecutionProvider"]
+    assert session_providers(["tensorrt"], avail, 0, "/var/cache/trt") == [
+        ("TensorrtExecutionProvider", {"device_id": 0, "trt_engine_cache_enable": True,
+                                       "trt_engine_cache_path": "/var/cache/trt"}), "CPUExecutionProvider"]
 
 
 def test_a_gpu_provider_this_build_lacks_is_an_error_not_a_silent_cpu_run():
