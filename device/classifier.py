@@ -33,6 +33,13 @@ log = logging.getLogger(__name__)
 FALLBACK_BACKEND = "tflite-cpu"
 
 
+def blank_input(card: ModelCard) -> np.ndarray:
+    """A batch of one black image of the model's size and colour: the first invoke, which allocates."""
+    inp = card.input
+    shape = (1, inp.height, inp.width) if inp.channels == 1 else (1, inp.height, inp.width, inp.channels)
+    return np.zeros(shape, np.uint8)
+
+
 @dataclass(frozen=True)
 class Inference:
     label: int
@@ -115,7 +122,7 @@ class Classifier:
             backend = create_backend(m.backend, self.card, verified_model_bytes(self.card), self._backend_options)
             try:
                 # The first call allocates, and a model that cannot run should fail here, not on the first input.
-                backend.invoke(self.pre.batch(np.zeros((1, self.card.input.height, self.card.input.width), np.uint8)))
+                backend.invoke(self.pre.batch(blank_input(self.card)))
             except BaseException:
                 backend.close()
                 raise
@@ -152,7 +159,7 @@ class Classifier:
         backend = create_backend(FALLBACK_BACKEND, card, verified_model_bytes(card), self._fallback_options)
         pre = Preprocessor(card.input)
         try:
-            backend.invoke(pre.batch(np.zeros((1, card.input.height, card.input.width), np.uint8)))
+            backend.invoke(pre.batch(blank_input(card)))
         except BaseException:
             backend.close()
             raise

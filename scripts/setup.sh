@@ -37,3 +37,6 @@ fi
 extras="device,cloud,tools"
 [ "${1:-}" = dev ] && extras="device,cloud,tools,calibrate,dev,fleet"   # fleet: Ansible for tests/fleet
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]"
+# The 20 labelled ImageNet photos of the ImageNet demo and tests: only foolbox's data files are
+# used (it is never imported), so none of its own dependencies are installed.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "foolbox==3.3.4"

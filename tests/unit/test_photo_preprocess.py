@@ -31,7 +31,7 @@ def photo_card(tmp_path, side=256, crop=224, method="bilinear", dtype="int8", la
     return parse_card(card_dict(schema=2, input=inp), tmp_path / "card.json")
 
 
-def reference(img: Image.Image, side: int, crop: int, method: int, quantize: bool) -> np.ndarray:
+def reference(img: Image.Image, side: int, crop: int, method: int, quantize: bool, quantization=None) -> np.ndarray:
     """torchvision.transforms: Resize(side) -> CenterCrop(crop) -> (x - 127) / 128 [-> int8]."""
     img = img.convert("RGB")
     w, h = img.size
@@ -46,7 +46,8 @@ def reference(img: Image.Image, side: int, crop: int, method: int, quantize: boo
     x = (x - 127.0) / 128.0
     if not quantize:
         return x.astype(np.float32)[None]
-    return np.clip(np.round(x / SCALE + ZERO), -128, 127).astype(np.int8)[None]
+    scale, zero = (quantization.scale, quantization.zero_point) if quantization is not None else (SCALE, ZERO)
+    return np.clip(np.round(x / scale + zero), -128, 127).astype(np.int8)[None]
 
 
 def photo(w: int, h: int, seed: int) -> Image.Image:
