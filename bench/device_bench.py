@@ -132,7 +132,7 @@ def main() -> int:
         if folder is None:
             print(f"no photos: pass --photos DIR or {FOOLBOX_INSTALL}", file=sys.stderr)
             return 2
-        photos = [p.path for p in list_photos(folder, card.labels)]
+        photos = [p.path for p in list_photos(folder, card.labels, foolbox_only=args.photos is None)]
         encoded = [photos[i % len(photos)].read_bytes() for i in range(args.images)]
         images = encoded                              # classify() takes the file bytes
         tensors = np.stack([pre.to_tensor(decode_image(b).pixels) for b in encoded])

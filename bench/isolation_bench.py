@@ -117,7 +117,7 @@ def main() -> int:
         if folder is None:
             print(f"no photos: pass --photos DIR or {FOOLBOX_INSTALL}", file=sys.stderr)
             return 2
-        paths = [p.path for p in list_photos(folder, card.labels)]
+        paths = [p.path for p in list_photos(folder, card.labels, foolbox_only=args.photos is None)]
         images = [decode_image(paths[i % len(paths)].read_bytes()).pixels for i in range(args.images)]
     pre = Preprocessor(card.input)
     tensors = [pre.batch(pre.fit(im)[None]) for im in images]
