@@ -30,6 +30,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         cfg = _load(args.config)
         card = load_card(cfg.model.card)
         verified_model_bytes(card)
+        cfg.policy.class_thresholds.for_labels(card.labels, cfg.policy.threshold, str(card.path))   # names = labels
         runtime = check_backend(cfg.model.backend, cfg.backend_options, card)
         fallback = _check_fallback(cfg, card)
         from .identity import check_tls_identity
@@ -42,7 +43,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return exc.exit_code
     isolated = ", isolated" if cfg.model.isolated else ""
     print(f"{args.config}: OK (device {cfg.device_id}, model {card.model_id} on {cfg.model.backend} ({runtime}"
-          f"{isolated}){fallback}, threshold {cfg.policy.threshold}, broker {cfg.mqtt.host}:{cfg.mqtt.port})")
+          f"{isolated}){fallback}, threshold {cfg.policy.threshold}"
+          + (f", per-class thresholds for {len(cfg.policy.class_thresholds.entries)} class(es)"
+             if cfg.policy.class_thresholds else "")
+          + f", broker {cfg.mqtt.host}:{cfg.mqtt.port})")
     return 0
 
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,57 @@ class BackendTables:
         return found if found is not None else options_class(name)()
 
 
+_CLASS_THRESHOLDS_HELP = (
+    "a threshold per predicted class, instead of `threshold` for the classes it names: an inline table of the "
+    "model card's label names, e.g. { \"shirt\" = 0.99, \"coat\" = 0.97 } (written by `edge-infer calibrate` "
+    "when it keeps more beyond noise; docs/calibration.md). A name that is not a label of the card stops the "
+    "start and `check-config`")
+
+
+@dataclass(frozen=True)
+class ClassThresholdTable:
+    """``[policy] class_thresholds``: label name -> threshold. The names are checked against
+    the model card when it is loaded (:meth:`for_labels`): the config alone does not know them."""
+
+    entries: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def from_toml(cls, value: Any, key: str) -> "ClassThresholdTable":
+        if not isinstance(value, dict):
+            raise ConfigError(f'{key}: expected a table of class name = threshold, e.g. {{ "shirt" = 0.99 }}, '
+                              f"got {value!r}")
+        entries = []
+        for name, v in value.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"{key}.{name!r}: expected a number between 0 and 1, got {v!r}")
+            if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+                raise ConfigError(f"{key}.{name!r} = {v!r}: must be between 0.0 and 1.0")
+            entries.append((name, float(v)))
+        return cls(tuple(entries))
+
+    @classmethod
+    def toml_rows(cls, key: str) -> list[tuple[str, str, str, str]]:
+        return [(key, "a table: class name = number", "{} (none: `threshold` for every class)",
+                 _CLASS_THRESHOLDS_HELP)]
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    def for_labels(self, labels: Sequence[str], default: float, source: str = "the model card") -> tuple[float, ...]:
+        """The threshold of each label index: its entry, or ``default``; () when the table is empty.
+        A name that is not one of ``labels`` is a ConfigError naming it and listing the labels."""
+        if not self.entries:
+            return ()
+        unknown = [name for name, _ in self.entries if name not in labels]
+        if unknown:
+            raise ConfigError(f"policy.class_thresholds: {', '.join(repr(n) for n in unknown)} "
+                              f"{'is not a label' if len(unknown) == 1 else 'are not labels'} of {source}; its "
+                              f"labels are: {', '.join(repr(x) for x in labels)} (recalibrate for this model, or "
+                              "fix the names)")
+        table = dict(self.entries)
+        return tuple(table.get(label, default) for label in labels)
+
+
 @dataclass(frozen=True, kw_only=True)
 class PolicyConfig:
     threshold: float = option(0.9, help="offload when the confidence score is below this (pick it with "
@@ -169,6 +221,7 @@ class PolicyConfig:
     temperature: float = option(1.0, help="softmax temperature for score = \"temperature\" (fitted by calibrate)",
                                 check=positive)
     router_file: Path | None = option(None, help="router JSON written by calibrate, for score = \"router\"")
+    class_thresholds: ClassThresholdTable = option(factory=ClassThresholdTable, help=_CLASS_THRESHOLDS_HELP)
     offload: bool = option(True, help="false keeps every result local (no samples are sent)")
     audit_rate: float = option(0.0, help="share of confident inputs offloaded anyway, to measure the edge model's "
                                          "real accuracy and notice drift (e.g. 0.01)", check=in_range(0.0, 1.0))

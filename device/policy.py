@@ -36,6 +36,8 @@ class OffloadPolicy:
     #: 0 = no limit
     max_samples_per_minute: int = 0
     max_bytes_per_hour: int = 0
+    #: a threshold per predicted class (by label index) instead of ``threshold``; empty: ``threshold`` for all
+    class_thresholds: tuple[float, ...] = ()
 
     @property
     def has_budget(self) -> bool:
@@ -44,11 +46,18 @@ class OffloadPolicy:
     def initial_budget(self, now: float) -> BudgetState:
         return BudgetState(float(self.max_samples_per_minute), float(self.max_bytes_per_hour), now)
 
-    def wants(self, confidence: float, u: float) -> Decision:
-        """Step 1 and 2. ``u`` is a uniform random number in [0, 1) (the audit draw)."""
+    def threshold_for(self, label: int | None) -> float:
+        """The threshold an input predicted as ``label`` is held to."""
+        if label is not None and 0 <= label < len(self.class_thresholds):
+            return self.class_thresholds[label]
+        return self.threshold
+
+    def wants(self, confidence: float, u: float, label: int | None = None) -> Decision:
+        """Step 1 and 2. ``u`` is a uniform random number in [0, 1) (the audit draw); ``label``: the
+        predicted class, for per-class thresholds."""
         if not self.enabled:
             return Decision(False, "offload_disabled")
-        if confidence < self.threshold:
+        if confidence < self.threshold_for(label):
             return Decision(True, "below_threshold")
         if u < self.audit_rate:
             return Decision(True, "audit")

@@ -75,7 +75,8 @@ class EdgeService:
                                      fallback_options=cfg.backend.get("tflite-cpu"), counters=self.counters)
         pc = cfg.policy
         self.policy = OffloadPolicy(pc.threshold, pc.offload, pc.audit_rate, pc.max_samples_per_minute,
-                                    pc.max_bytes_per_hour)
+                                    pc.max_bytes_per_hour,
+                                    pc.class_thresholds.for_labels(self.card.labels, pc.threshold, str(self.card.path)))
         self._budget = self.policy.initial_budget(time.monotonic())
         self._budget_lock = threading.Lock()
         self._rng = random.Random()
@@ -235,7 +236,7 @@ class EdgeService:
     def _decide(self, sample_id: str, inf: Inference, pixels: np.ndarray, encoded: tuple[bytes, str] | None,
                 now: float, source: str, source_key: str) -> tuple[Result, OutboxItem | None]:
         """The offload plan for one inference, and the records it produces."""
-        wants = self.policy.wants(inf.confidence, self._rng.random())
+        wants = self.policy.wants(inf.confidence, self._rng.random(), inf.label)
         reason, item, offload_error = (wants.reason if wants.offload else None), None, None
         if wants.offload:
             payload = _payload(encoded, pixels, inf.fitted, self.cfg.outbox.max_payload_bytes)
