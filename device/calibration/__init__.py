@@ -8,6 +8,10 @@ A tool, never imported by the device service. Its modules, in the order a calibr
 - :mod:`.curves`     offload curves and operating points: hybrid accuracy against the share
                      offloaded, AUC, the paired bootstrap (pure)
 - :mod:`.threshold`  the target and the threshold that meets it on a curve (pure)
+- :mod:`.guarantee`  ``--risk``: a threshold certified for the target with a finite-sample
+                     guarantee (exact binomial tests, fixed-sequence over a fixed grid; pure)
+- :mod:`.perclass`   a threshold per predicted class, fitted cross-fitted and kept only when it
+                     beats the single threshold beyond noise (pure)
 - :mod:`.compare`    every score through the same procedure: fit, choose its threshold on
                      validation, report on test, pick the one to deploy (pure)
 - :mod:`.report`     the policy snippet, calibration.json and the printed table

@@ -7,7 +7,7 @@ threshold per score on validation for the target, reports every score on the
 untouched test split, and writes:
 
 - ``policy.toml``   the ``[policy]`` snippet for the device (score, threshold,
-                    temperature, router_file)
+                    temperature, router_file, class_thresholds when chosen)
 - ``router.json``   the router, when the router is the chosen score
 - ``calibration.json``  the full report
 - ``offload_curve.png`` hybrid accuracy against the share offloaded, per score
@@ -35,8 +35,12 @@ from . import CalibrateError
 from .compare import Split, calibrate_arrays
 from .data import check_labels, cloud_predictions_from_file, cloud_predictions_from_model, load_data
 from .fitting import DEFAULT_ROUTER_FEATURES, ROUTER_MODELS, RouterTraining
+from .guarantee import smallest_certifiable_bound
+from .perclass import CLASS_THRESHOLD_MODES, ClassData, ClassThresholdFit, apply_thresholds, fit_class_thresholds
 from .plot import PLOT_EXTRA, PLOT_FILE, plot_offload_curves
-from .report import POLICY_FILE, REPORT_FILE, ROUTER_FILE, build_report, policy_snippet, score_table
+from .report import (
+    POLICY_FILE, REPORT_FILE, ROUTER_FILE, build_report, class_threshold_lines, policy_snippet, score_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,13 @@ def _share(text: str) -> float:
     v = float(text)
     if not 0.0 <= v <= 1.0:
         raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1 (a share, e.g. 0.3 for 30%)")
+    return v
+
+
+def _risk(text: str) -> float:
+    v = float(text)
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1 (e.g. 0.05 for 95% confidence)")
     return v
 
 
@@ -85,6 +96,11 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
                     help="reach this hybrid accuracy (e.g. 0.92) with the least offloading")
     tg.add_argument("--max-offload-share", type=_share, default=None, metavar="SHARE",
                     help="offload at most this share of inputs (a bandwidth/cost budget), best accuracy within it")
+    t.add_argument("--risk", type=_risk, default=None, metavar="RISK",
+                   help="certify the threshold instead of reading it off the validation curve: with probability "
+                        ">= 1 - RISK over the draw of the validation data, the target holds on new inputs from "
+                        "the same distribution (e.g. 0.05; docs/calibration.md). With --target cloud it needs "
+                        "--tolerance > 0")
     s = p.add_argument_group("scores")
     s.add_argument("--scores", default=",".join(SCORES),
                    help="comma-separated scores to evaluate (default: all: %(default)s)")
@@ -98,7 +114,12 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--router-features", default=",".join(DEFAULT_ROUTER_FEATURES),
                    help=f"comma-separated router inputs from: {', '.join(FEATURES)} (default: %(default)s)")
     s.add_argument("--router-hidden", type=int, default=16, help="hidden units of the MLP router")
-    s.add_argument("--folds", type=int, default=5, help="cross-fitting folds for the router (default: 5)")
+    s.add_argument("--folds", type=int, default=5, help="cross-fitting folds for the router and the per-class "
+                                                         "thresholds (default: 5)")
+    s.add_argument("--class-thresholds", choices=CLASS_THRESHOLD_MODES, default="auto",
+                   help="a threshold per predicted class on the chosen score: auto writes them when they keep more "
+                        "than the single threshold on validation beyond noise; on always; off never "
+                        "(default: %(default)s; not with --risk)")
     s.add_argument("--seed", type=int, default=0)
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, default=Path("calibration"),
@@ -154,6 +175,17 @@ def _run(args: argparse.Namespace) -> int:
         raise CalibrateError("--folds must be at least 2")
     if args.tolerance and (args.target_accuracy is not None or args.max_offload_share is not None):
         raise CalibrateError("--tolerance applies to --target cloud only")
+    risk = getattr(args, "risk", None)
+    if risk is not None and args.max_offload_share is not None:
+        raise CalibrateError("--risk applies to an accuracy target (--target cloud, --target-accuracy), not to "
+                             "--max-offload-share")
+    class_mode = getattr(args, "class_thresholds", "auto")
+    if class_mode == "on" and risk is not None:
+        raise CalibrateError("--class-thresholds on cannot be combined with --risk: the guarantee covers one "
+                             "threshold per score (docs/calibration.md)")
+    if class_mode == "on" and args.pick == "router":
+        raise CalibrateError("--class-thresholds on: not for the router score (it already takes the predicted "
+                             "class as an input); --pick another score")
     if args.limit is not None and args.limit < 2:
         raise CalibrateError("--limit must be at least 2")
     if not args.no_plot:   # fail before minutes of work, not after
@@ -201,12 +233,14 @@ def _run(args: argparse.Namespace) -> int:
         cal = calibrate_arrays(Split(logits["val"], val_set.labels, cloud_pred["val"]),
                                Split(logits["test"], test_set.labels, cloud_pred["test"]),
                                target_kind=kind, target_value=value, scores=scores, router_cfg=router_cfg,
-                               folds=args.folds, seed=args.seed, tolerance=args.tolerance)
+                               folds=args.folds, seed=args.seed, tolerance=args.tolerance, risk=risk)
     except ValueError as exc:
         raise CalibrateError(str(exc)) from None
-    timings["calibration"] = time.monotonic() - t0
 
     picked = args.pick or cal.chosen
+    per_class = _class_thresholds(args, cal, picked, logits, val_set.labels, test_set.labels, cloud_pred,
+                                  len(labels))
+    timings["calibration"] = time.monotonic() - t0
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     rc = 0
@@ -220,7 +254,10 @@ def _run(args: argparse.Namespace) -> int:
     policy_path = out / POLICY_FILE
     if res is None or res.val is None:
         best = max(cal.results.values(), key=lambda r: r.val_best.accuracy, default=None)
-        if rc == 0:
+        if rc == 0 and risk is not None:
+            print("edge-infer calibrate: " + _uncertified_message(cal, len(val_set)) + " No policy snippet written.",
+                  file=sys.stderr)
+        elif rc == 0:
             print("edge-infer calibrate: no score meets the target on validation ("
                   + cal.target.describe() + ")"
                   + (f"; the best is {best.score} at accuracy {best.val_best.accuracy:.4f} offloading "
@@ -243,14 +280,18 @@ def _run(args: argparse.Namespace) -> int:
             log.warning("the target needs every input offloaded; threshold %.6g is written as 1.0 (inputs scoring "
                         "exactly 1.0 stay on the device)", threshold)
             threshold = 1.0
+        table = per_class.by_label(labels) if per_class is not None and per_class.chosen else None
+        shown_val, shown_test = (per_class.val, per_class.test) if table else (res.val, res.test)
         header = (f"written by edge-infer calibrate on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n"
                   f"edge {card.model_id}; target: {cal.target.describe()}\n"
-                  f"validation: kept {res.val.kept_share:.2%} on device, hybrid accuracy {res.val.accuracy:.4f}\n"
-                  f"test:       kept {res.test.kept_share:.2%} on device, hybrid accuracy {res.test.accuracy:.4f}\n"
-                  "offload when score < threshold; temperature is used by score \"temperature\" only,\n"
-                  "router_file by score \"router\" only (a relative path is relative to the config file's\n"
-                  "folder: install router.json beside the config)")
-        policy_path.write_text(policy_snippet(picked, threshold, cal.temperature, router_file, header))
+                  + (f"guarantee: {res.guarantee.statement(cal.target)}\n" if res.guarantee is not None else "")
+                  + ("per-class thresholds (class_thresholds): " + per_class.note + "\n" if table else "")
+                  + f"validation: kept {shown_val.kept_share:.2%} on device, hybrid accuracy {shown_val.accuracy:.4f}\n"
+                  f"test:       kept {shown_test.kept_share:.2%} on device, hybrid accuracy {shown_test.accuracy:.4f}\n"
+                  "offload when score < threshold (the class's own, when class_thresholds lists it); temperature\n"
+                  "is used by score \"temperature\" only, router_file by score \"router\" only (a relative path is\n"
+                  "relative to the config file's folder: install router.json beside the config)")
+        policy_path.write_text(policy_snippet(picked, threshold, cal.temperature, router_file, header, table))
         written.append(policy_path)
     stale_router = out / ROUTER_FILE
     if picked != "router" and stale_router.exists():
@@ -270,7 +311,8 @@ def _run(args: argparse.Namespace) -> int:
         timings["plot"] = time.monotonic() - t0
         written.append(out / PLOT_FILE)
     timings["total"] = time.monotonic() - t_start
-    report = build_report(cal, picked if res is not None else None, inputs, timings)
+    agreement = _kept_agreement(cal, picked, res, per_class, logits, cloud_pred) if res is not None else None
+    report = build_report(cal, picked if res is not None else None, inputs, timings, per_class, labels, agreement)
     (out / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     written.append(out / REPORT_FILE)
 
@@ -284,6 +326,14 @@ def _run(args: argparse.Namespace) -> int:
         point = res.val.kept_share - cal.results["max_softmax"].val.kept_share
         print(f"{picked} vs max_softmax on validation: {point * 100:+.1f} pp kept, 95% interval "
               f"[{gain.low * 100:+.1f}, {gain.high * 100:+.1f}] (paired bootstrap): {verdict}")
+    if res is not None and res.guarantee is not None:
+        print(_guarantee_lines(cal, res))
+    if per_class is not None:
+        print(class_threshold_lines(per_class, labels))
+    if agreement is not None and None not in agreement.values():
+        print(f"expected audit_agreement (edge and cloud agree on the inputs kept): validation "
+              f"{agreement['validation']:.4f}, test {agreement['test']:.4f}; a device whose audits agree clearly "
+              "less sees other inputs: recalibrate (docs/calibration.md)")
     if cal.oracle.test_kept_at_target is not None:
         print(f"oracle router (offloads exactly what the cloud fixes): kept {cal.oracle.test_kept_at_target:.1%} "
               "on test at the target")
@@ -291,3 +341,82 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {p}")
     print(f"calibrate took {timings['total']:.1f}s")
     return rc
+
+
+def _class_thresholds(args: argparse.Namespace, cal, picked: str | None, logits, val_labels, test_labels,
+                      cloud_pred, num_classes: int) -> ClassThresholdFit | None:
+    """Per-class thresholds on the picked score (a record saying why not, where they do not apply); None: no score."""
+    mode = getattr(args, "class_thresholds", "auto")
+    res = cal.results.get(picked) if picked else None
+    if res is None:
+        return None
+    if cal.risk is not None:   # --class-thresholds on was refused up front
+        return ClassThresholdFit(picked, mode, False, "not with --risk: the guarantee covers one threshold per score")
+    if picked == "router":
+        return ClassThresholdFit(picked, mode, False, "not for the router score: it takes the predicted class as an "
+                                                      "input already")
+    data = {name: ClassData(cal.values[picked][name], logits[name].argmax(axis=1),
+                            logits[name].argmax(axis=1) == lab, cloud_pred[name] == lab)
+            for name, lab in (("val", val_labels), ("test", test_labels))}
+    return fit_class_thresholds(picked, data["val"], data["test"], cal.target, num_classes, res.val, res.test,
+                                mode=mode, keep_target=args.router_target, folds=args.folds, seed=args.seed)
+
+
+def _kept_agreement(cal, picked: str, res, per_class: ClassThresholdFit | None, logits,
+                    cloud_pred) -> dict[str, float | None] | None:
+    """The share of the inputs the chosen policy keeps on which the edge and the cloud agree: what the
+    device's audits (``audit_agreement`` in its status) should read on inputs like the validation data."""
+    if res.val is None:
+        return None
+    out: dict[str, float | None] = {}
+    for split, name in (("val", "validation"), ("test", "test")):
+        pred = logits[split].argmax(axis=1)
+        score = cal.values[picked][split]
+        if per_class is not None and per_class.chosen and per_class.thresholds is not None:
+            kept = ~apply_thresholds(score, pred, per_class.thresholds)
+        else:
+            kept = score >= res.val.threshold
+        out[name] = float((pred[kept] == cloud_pred[split][kept]).mean()) if kept.any() else None
+    return out
+
+
+def _uncertified_message(cal, n: int) -> str:
+    g = next((r.guarantee for r in cal.results.values() if r.guarantee is not None), None)
+    floor = smallest_certifiable_bound(n, g.level) if g is not None else None
+    if not cal.risk_candidates:
+        return ("no score can be chosen with --risk: the guarantee is exact only for scores with nothing fitted "
+                "on validation (max_softmax, margin, entropy); add one to --scores, or --pick the score")
+    if cal.target.kind == "cloud":
+        what = "hybrid accuracy >= the cloud's" + (f" - {cal.target.tolerance * 100:.2f} pp" if cal.target.tolerance
+                                                   else "")
+    else:
+        what = f"hybrid accuracy >= {cal.target.value:.4f}"
+    if cal.target.kind != "cloud":
+        return (f"no threshold can be certified: {what} with {1 - cal.risk:.0%} confidence needs more evidence than "
+                "the validation data gives: lower --target-accuracy, raise --risk, or calibrate on more labelled "
+                "data.")
+    hint = ""
+    if g is not None and floor is not None and g.bound < floor:
+        hint = (f" With {n} validation inputs nothing below {floor * 100:.2f} pp can be certified at level "
+                f"{g.level:.3g} (even zero errors among the kept inputs leave that much room).")
+    return (f"no threshold can be certified: {what} with {1 - cal.risk:.0%} confidence needs more evidence than "
+            f"the validation data gives.{hint} Raise --tolerance (e.g. 0.0025), raise --risk, or calibrate on "
+            "more labelled data.")
+
+
+def _guarantee_lines(cal, res) -> str:
+    g = res.guarantee
+    lines = [f"guarantee (--risk {cal.risk:g}): {g.statement(cal.target)}"]
+    k = len(cal.risk_candidates)
+    lines.append(f"  method: Clopper-Pearson test of {g.loss} <= {g.bound:.4g} at level {g.level:.3g} per score"
+                 + (f" (Bonferroni over {k} candidate scores)" if k > 1 else "")
+                 + f", fixed-sequence over a fixed grid: {g.tested} thresholds tested; at the threshold "
+                   f"{g.losses} of {g.n} validation inputs, bound {g.upper_bound * 100:.3f}%")
+    if res.point_val is not None:
+        lines.append(f"  the point estimate (no --risk) would keep {res.point_val.kept_share:.1%} on validation "
+                     f"(threshold {res.point_val.threshold:.5f}); certified: {res.val.kept_share:.1%}")
+    excess = res.test.accuracy - cal.cloud_accuracy["test"]
+    lines.append(f"  test: hybrid {res.test.accuracy:.4f} vs cloud {cal.cloud_accuracy['test']:.4f} "
+                 f"({excess * 100:+.2f} pp); validation -> test gap: kept {(res.test.kept_share - res.val.kept_share) * 100:+.1f} pp, "
+                 f"accuracy {(res.test.accuracy - res.val.accuracy) * 100:+.2f} pp")
+    return "\n".join(lines)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from .curves import (
 from .fitting import (
     DEFAULT_TRAINING, RouterTraining, cross_fit_router, fit_temperature, nll, router_labels, train_router,
 )
+from .guarantee import EXACT_SCORES, Guarantee, certify_threshold
 from .threshold import Target, resolve_target, select_threshold
 
 log = logging.getLogger(__name__)
@@ -62,17 +63,28 @@ class ScoreResult:
     test_kept_at_target: float | None     # reading the test curve itself at the test target (optimistic)
     val_auc: float | None                 # how well the score ranks edge-correct above edge-wrong
     test_auc: float | None
+    #: with --risk: the certified threshold (``val``/``test`` are then its points) and the point
+    #: estimate it replaced (the threshold that just reaches the target on validation)
+    guarantee: Guarantee | None = None
+    point_val: OperatingPoint | None = None
+    point_test: OperatingPoint | None = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, target: Target | None = None) -> dict[str, Any]:
         gap = None
         if self.val is not None and self.test is not None:
             gap = {"accuracy": round(self.test.accuracy - self.val.accuracy, 6),
                    "kept_share": round(self.test.kept_share - self.val.kept_share, 6)}
+        extra: dict[str, Any] = {}
+        if self.guarantee is not None:
+            extra = {"guarantee": self.guarantee.to_dict(target), "point_estimate": {
+                "validation": None if self.point_val is None else self.point_val.to_dict(),
+                "test": None if self.point_test is None else self.point_test.to_dict()}}
         return {
             "score": self.score,
             "validation": None if self.val is None else self.val.to_dict(),
             "test": None if self.test is None else self.test.to_dict(),
             "gap_test_minus_validation": gap,
+            **extra,
             "best_reachable": {"validation": self.val_best.to_dict(), "test": self.test_best.to_dict()},
             "test_curve_kept_share_at_target": None if self.test_kept_at_target is None
             else round(self.test_kept_at_target, 6),
@@ -109,6 +121,8 @@ class Calibration:
     values: dict[str, dict[str, np.ndarray]]      # score -> split -> per-input score (val: cross-fitted router)
     oracle_curves: dict[str, OffloadCurve]        # split -> the oracle router's curve
     val_gain: dict[str, BootstrapDiff]            # kept share vs max_softmax on validation, with its noise
+    risk: float | None = None                     # --risk: thresholds certified at this risk in all
+    risk_candidates: tuple[str, ...] = ()         # the scores the choice was made among (Bonferroni over them)
 
     @property
     def chosen_result(self) -> ScoreResult | None:
@@ -165,14 +179,26 @@ def choose_score(val_points: Mapping[str, OperatingPoint | None], target: Target
 
 def calibrate_arrays(val: Split, test: Split, target_kind: str = "cloud", target_value: float | None = None,
                      scores: Iterable[str] = SCORES, router_cfg: RouterTraining = DEFAULT_TRAINING,
-                     folds: int = 5, seed: int = 0, resamples: int = 300, tolerance: float = 0.0) -> Calibration:
+                     folds: int = 5, seed: int = 0, resamples: int = 300, tolerance: float = 0.0,
+                     risk: float | None = None) -> Calibration:
     """Fit the temperature and the router on ``val``, choose a threshold per score on ``val``
     for the target, report each on ``test``, and pick the score to deploy. ``tolerance``: for the
-    cloud target, how far below the cloud's accuracy is acceptable (accuracy points)."""
+    cloud target, how far below the cloud's accuracy is acceptable (accuracy points).
+
+    ``risk``: instead of the point estimate, each score's threshold is certified
+    (:mod:`.guarantee`): the target holds on the population with probability >= 1 - risk. The
+    score is then chosen among those with nothing fitted on validation
+    (:data:`~.guarantee.EXACT_SCORES`), each tested at risk / their number (Bonferroni: the
+    choice among them is made on the same data)."""
     scores = tuple(scores)
     unknown = [s for s in scores if s not in SCORES]
     if unknown:
         raise ValueError(f"unknown score(s) {', '.join(unknown)}; choose from {', '.join(SCORES)}")
+    if risk is not None and not 0.0 < risk < 1.0:
+        raise ValueError(f"--risk must be between 0 and 1 (0.05: 95% confidence), got {risk}")
+    if risk is not None and target_kind == "max_offload_share":
+        raise ValueError("--risk applies to an accuracy target (--target cloud, --target-accuracy), not to "
+                         "--max-offload-share")
     if val.logits.shape[1] != test.logits.shape[1]:
         raise ValueError("validation and test logits have different class counts")
     cloud_val = float(val.cloud_ok.mean())
@@ -210,9 +236,13 @@ def calibrate_arrays(val: Split, test: Split, target_kind: str = "cloud", target
 
     results: dict[str, ScoreResult] = {}
     curves: dict[str, dict[str, OffloadCurve]] = {}
+    candidates = tuple(s for s in SCORES if s in score_values and (risk is None or s in EXACT_SCORES))
+    level = None if risk is None else risk / max(1, len(candidates))
     for name, (sv, st) in score_values.items():
         res, cv, ct = evaluate_score(name, sv, st, val.edge_ok, val.cloud_ok, test.edge_ok, test.cloud_ok,
                                      target, test_target)
+        if risk is not None:
+            res = certified_result(res, sv, st, val, test, target, risk, level)
         results[name] = res
         curves[name] = {"val": cv, "test": ct}
 
@@ -228,7 +258,7 @@ def calibrate_arrays(val: Split, test: Split, target_kind: str = "cloud", target
             {k: v for k, (v, _) in score_values.items()}, val.edge_ok, val.cloud_ok, reference="max_softmax",
             resamples=resamples, seed=seed, target_accuracy=None if target.kind == "cloud" else target.value,
             accuracy_offset=target.tolerance)
-    chosen = choose_score({k: r.val for k, r in results.items()}, target, order=SCORES,
+    chosen = choose_score({k: r.val for k, r in results.items()}, target, order=candidates,
                           gains=val_gain if val_gain else None)
     return Calibration(
         target=target, test_target_accuracy=test_target,
@@ -237,4 +267,16 @@ def calibrate_arrays(val: Split, test: Split, target_kind: str = "cloud", target
         temperature=temperature, router=router, router_note=router_note, results=results, curves=curves,
         chosen=chosen, oracle=oracle, sizes={"val": len(val), "test": len(test)},
         values={k: {"val": v, "test": t} for k, (v, t) in score_values.items()},
-        oracle_curves={"val": ov, "test": ot}, val_gain=val_gain)
+        oracle_curves={"val": ov, "test": ot}, val_gain=val_gain, risk=risk,
+        risk_candidates=candidates if risk is not None else ())
+
+
+def certified_result(res: ScoreResult, val_score: np.ndarray, test_score: np.ndarray, val: Split, test: Split,
+                     target: Target, risk: float, level: float | None) -> ScoreResult:
+    """``res`` with its point-estimate threshold replaced by the certified one (kept as ``point_*``)."""
+    g = certify_threshold(res.score, val_score, val.edge_ok, val.cloud_ok, target, risk, level)
+    v = t = None
+    if g.threshold is not None:
+        v = evaluate_threshold(val_score, val.edge_ok, val.cloud_ok, g.threshold)
+        t = evaluate_threshold(test_score, test.edge_ok, test.cloud_ok, g.threshold)
+    return replace(res, val=v, test=t, guarantee=g, point_val=res.val, point_test=res.test)

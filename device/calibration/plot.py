@@ -67,7 +67,12 @@ def plot_offload_curves(path: Path, cal: Calibration, picked: str | None) -> Non
                 ax.set_xlabel("inputs offloaded to the cloud (%)")
         axes[0, 0].set_ylabel("hybrid accuracy (%)")
         axes[1, 0].set_ylabel("hybrid accuracy (%)")
-    fig.suptitle("edge-infer calibrate: hybrid accuracy vs share offloaded\n(" + cal.target.describe() + ")",
+    what = cal.target.describe()
+    if cal.risk is not None:
+        bound = (f"hybrid >= cloud - {cal.target.tolerance * 100:.2f} pp" if cal.target.kind == "cloud"
+                 else f"hybrid >= {cal.target.value:.4f}")
+        what = f"certified at --risk {cal.risk:g}: with {1 - cal.risk:.0%} confidence, {bound} on new inputs"
+    fig.suptitle("edge-infer calibrate: hybrid accuracy vs share offloaded\n(" + what + ")",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path)

@@ -5,8 +5,10 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -62,10 +64,14 @@ def test_full_calibration_writes_the_snippet_the_report_and_the_plot(full_run):
     policy = read_policy(out / "policy.toml")
     assert set(policy) == {"policy"}
     p = policy["policy"]
-    assert set(p) == ({"score", "threshold", "temperature", "router_file"} if p["score"] == "router"
-                      else {"score", "threshold", "temperature"})
-    assert p["score"] in SCORES and 0.0 < p["threshold"] <= 1.0 and p["temperature"] > 0
     report = json.loads((out / "calibration.json").read_text())
+    per_class = report["class_thresholds"]
+    assert per_class["score"] == p["score"] and per_class["note"]
+    assert set(p) == ({"score", "threshold", "temperature", "router_file"} if p["score"] == "router"
+                      else {"score", "threshold", "temperature"}) | ({"class_thresholds"} if per_class["chosen"]
+                                                                       else set())
+    assert report["guarantee"] is None                        # no --risk: the point estimate, as before
+    assert p["score"] in SCORES and 0.0 < p["threshold"] <= 1.0 and p["temperature"] > 0
     assert report["sizes"] == {"val": 5000, "test": 10000}
     assert report["chosen"]["score"] == p["score"] and report["chosen"]["threshold"] == p["threshold"]
     assert set(report["scores"]) == set(SCORES)
@@ -280,3 +286,124 @@ def test_runs_as_a_process(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "calibrate took" in p.stdout and "edge val: 1000/1000" in p.stderr
     assert read_policy(tmp_path / "policy.toml")["policy"]["score"] in SCORES
+
+
+# ----------------------------------------------------------------------------- --risk
+
+def exact_lower_tail(k: int, n: int, p: Fraction) -> Fraction:
+    return sum((Fraction(math.comb(n, j)) * p ** j * (1 - p) ** (n - j) for j in range(k + 1)), Fraction(0))
+
+
+@pytest.fixture(scope="module")
+def risk_runs(tmp_path_factory):
+    """The same 3,000 validation images, with and without --risk (tolerance 0.5 pp)."""
+    runs = {}
+    for name, extra in (("point", []), ("risk", ["--risk", "0.05"])):
+        out = tmp_path_factory.mktemp(f"cal-{name}")
+        rc, o, e = calibrate("--edge-card", EDGE_CARD, "--cloud-predictions", CLOUD_PREDICTIONS, "--limit", "3000",
+                             "--tolerance", "0.005", "--out", out, "--no-progress", "--no-plot", *extra)
+        assert rc == 0, o + e
+        runs[name] = (out, o, json.loads((out / "calibration.json").read_text()),
+                      read_policy(out / "policy.toml")["policy"])
+    return runs
+
+
+def test_risk_certifies_a_threshold_more_conservative_than_the_point_estimate(risk_runs):
+    _, _, point, p_point = risk_runs["point"]
+    out, stdout, report, p = risk_runs["risk"]
+    g = report["guarantee"]
+    assert g["risk"] == 0.05 and g["candidates"] == ["max_softmax", "margin", "entropy"]
+    assert g["level_per_score"] == pytest.approx(0.05 / 3) and g["exact"]
+    assert "95% confidence" in g["statement"] and "the cloud's - 0.50 pp" in g["statement"]
+    assert p["threshold"] == g["threshold"] == report["chosen"]["threshold"] and p["score"] in g["candidates"]
+    assert "# guarantee: with 95% confidence" in (out / "policy.toml").read_text()
+    s = report["scores"][p["score"]]
+    assert s["point_estimate"]["validation"] == point["scores"][p["score"]]["validation"]
+    assert s["validation"]["kept_share"] <= s["point_estimate"]["validation"]["kept_share"]
+    assert report["chosen"]["validation"]["kept_share"] < point["chosen"]["validation"]["kept_share"]
+    assert not report["class_thresholds"]["chosen"] and "not with --risk" in report["class_thresholds"]["note"]
+    assert "guarantee (--risk 0.05)" in stdout and "the point estimate (no --risk) would keep" in stdout
+
+    # the claim, checked from the shipped predictions with exact rational arithmetic: at the threshold,
+    # the kept inputs the edge gets wrong and the cloud right are few enough that P(Bin(n, 0.005) <= k)
+    # is at most the level
+    e, c = np.load(EDGE_PREDICTIONS), np.load(CLOUD_PREDICTIONS)
+    score = make_scorer(p["score"], ScoreParams(temperature=report["temperature"]))
+    n = 3000
+    kept = score(e["val_logits"][:n]) >= p["threshold"]
+    labels = e["val_labels"][:n]
+    fix = (e["val_logits"][:n].argmax(1) != labels) & (c["val_logits"][:n].argmax(1) == labels)
+    k = int((kept & fix).sum())
+    assert k == s["guarantee"]["losses_on_validation"]
+    assert exact_lower_tail(k, n, Fraction(5, 1000)) <= Fraction(0.05) / 3
+    # and what the device does with the threshold on test is the report's test point
+    t_kept = score(e["test_logits"][:n]) >= p["threshold"]
+    hybrid = np.where(t_kept, e["test_logits"][:n].argmax(1), c["test_logits"][:n].argmax(1))
+    assert report["chosen"]["test"]["accuracy"] == pytest.approx(float((hybrid == e["test_labels"][:n]).mean()))
+    assert g["test_hybrid_minus_cloud_accuracy"] == pytest.approx(
+        report["chosen"]["test"]["accuracy"] - report["cloud_only_accuracy"]["test"], abs=1e-6)
+    # what the device's audits should read: edge and cloud agreeing on the kept inputs
+    agree = e["test_logits"][:n].argmax(1)[t_kept] == c["test_logits"][:n].argmax(1)[t_kept]
+    assert report["chosen"]["kept_agreement"]["test"] == pytest.approx(float(agree.mean()))
+    assert "expected audit_agreement" in stdout
+
+
+def test_risk_without_a_tolerance_certifies_nothing_and_says_what_to_do(tmp_path):
+    (tmp_path / "policy.toml").write_text("stale")
+    rc, _, err = calibrate("--edge-card", EDGE_CARD, "--cloud-predictions", CLOUD_PREDICTIONS, "--limit", "1000",
+                           "--risk", "0.05", "--out", tmp_path, "--no-progress", "--no-plot", "--scores",
+                           "max_softmax")
+    assert rc == 1
+    assert "no threshold can be certified" in err and "--tolerance" in err and "Traceback" not in err
+    assert not (tmp_path / "policy.toml").exists()
+    report = json.loads((tmp_path / "calibration.json").read_text())
+    assert report["chosen"] is None and report["scores"]["max_softmax"]["guarantee"]["certified"] is False
+
+
+@pytest.mark.parametrize("extra,want", [
+    (["--max-offload-share", "0.2"], "--risk applies to an accuracy target"),
+    (["--tolerance", "0.005", "--class-thresholds", "on"], "cannot be combined with --risk"),
+])
+def test_risk_refuses_what_it_cannot_guarantee(tmp_path, extra, want):
+    rc, out, err = calibrate("--edge-card", EDGE_CARD, "--cloud-predictions", CLOUD_PREDICTIONS, "--limit", "500",
+                             "--risk", "0.05", "--out", tmp_path, "--no-progress", "--no-plot", "--scores",
+                             "max_softmax", *extra)
+    assert rc == 2, out + err
+    assert want in err
+
+
+# ----------------------------------------------------------------------------- per-class thresholds
+
+def test_class_thresholds_on_writes_a_table_that_the_device_loads_and_applies(tmp_path):
+    from edge_infer.config import load_device_config
+    from edge_infer.policy import OffloadPolicy
+    out = tmp_path / "cal"
+    rc, o, e = calibrate("--edge-card", EDGE_CARD, "--cloud-predictions", CLOUD_PREDICTIONS, "--limit", "2000",
+                         "--tolerance", "0.0025", "--class-thresholds", "on", "--scores", "max_softmax,margin",
+                         "--pick", "max_softmax", "--out", out, "--no-progress", "--no-plot")
+    assert rc == 0, o + e
+    card = load_card(EDGE_CARD)
+    p = read_policy(out / "policy.toml")["policy"]
+    assert list(p["class_thresholds"]) == list(card.labels)
+    report = json.loads((out / "calibration.json").read_text())
+    pc = report["class_thresholds"]
+    assert pc["chosen"] and "as requested" in pc["note"] and pc["thresholds"] == p["class_thresholds"]
+    assert report["chosen"]["class_thresholds"] == p["class_thresholds"]
+    assert "per-class thresholds on max_softmax" in o
+    # pasted into a device config, the device's loader accepts it and holds each class to its threshold
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "edge-infer.toml").write_text(f'device_id = "cal"\nstate_dir = "{tmp_path / "state"}"\n'
+                                         f'[model]\ncard = "{EDGE_CARD}"\n' + (out / "policy.toml").read_text())
+    cfg = load_device_config(etc / "edge-infer.toml")
+    table = cfg.policy.class_thresholds.for_labels(card.labels, cfg.policy.threshold)
+    assert table == tuple(p["class_thresholds"][x] for x in card.labels)
+    policy = OffloadPolicy(cfg.policy.threshold, class_thresholds=table)
+    ev, cp = np.load(EDGE_PREDICTIONS), np.load(CLOUD_PREDICTIONS)
+    logits, labels = ev["test_logits"][:2000], ev["test_labels"][:2000]
+    conf = make_scorer("max_softmax")(logits)
+    pred = logits.argmax(1)
+    off = np.array([policy.wants(float(x), 1.0, int(y)).offload for x, y in zip(conf, pred)])
+    hybrid = np.where(off, cp["test_logits"][:2000].argmax(1), pred)
+    assert report["chosen"]["test"]["offloaded"] == int(off.sum())
+    assert report["chosen"]["test"]["accuracy"] == pytest.approx(float((hybrid == labels).mean()), abs=1e-6)
