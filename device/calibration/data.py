@@ -61,9 +61,10 @@ def load_class_folders(root: Path, labels: Sequence[str]) -> ImageSet:
     for d in subdirs:
         idx = class_index(d.name, labels)
         if idx is None:
-            raise CalibrateError(f"{d}: folder name {d.name!r} is not a label of the edge card ("
-                                 + ", ".join(f"{i}={x}" for i, x in enumerate(labels))
-                                 + "); rename it to the label or its index")
+            named = ", ".join(f"{i}={x}" for i, x in enumerate(labels[:20]))
+            more = f", ... ({len(labels)} labels: the card lists them)" if len(labels) > 20 else ""
+            raise CalibrateError(f"{d}: folder name {d.name!r} is not a label of the edge card ({named}{more}); "
+                                 "rename it to the label or its index")
         for f in sorted(d.iterdir()):
             if f.name.startswith(".") or f.suffix.lower() not in IMAGE_SUFFIXES:
                 continue

@@ -108,8 +108,7 @@ def test_cards_record_agreement_with_the_float_originals(edge, cloud):
 
 def test_edge_model_classifies_the_foolbox_photos_as_its_card_says(edge):
     folder = foolbox_photos_dir()
-    if folder is None:
-        pytest.skip("foolbox's photos are not installed (pip install --no-deps foolbox==3.3.4)")
+    assert folder is not None, "foolbox's photos are not installed: pip install --no-deps foolbox==3.3.4 (setup.sh does)"
     photos = list_photos(folder, edge.labels, foolbox_only=True)
     assert len(photos) == 20
     pytest.importorskip("ai_edge_litert")
