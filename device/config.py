@@ -345,6 +345,17 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ArchiveConfig:
+    enabled: bool = option(False, help="keep each offloaded sample with its correction (the image as sent, the edge "
+                                       "and cloud answers) in state_dir/archive.db, for `edge-infer archive export` "
+                                       "and `edge-infer retrain` (docs/closed-loop.md). It holds camera images at "
+                                       "rest: docs/security.md says who can read it and how to wipe it")
+    max_items: int = option(10_000, help="samples kept at most; beyond it the oldest are dropped", check=positive)
+    max_bytes: int = option(64 * 1024 * 1024, help="image bytes kept at most; beyond it the oldest are dropped",
+                            check=positive)
+
+
+@dataclass(frozen=True, kw_only=True)
 class DeviceConfig:
     device_id: str = option(help="this device's id; it names its MQTT topics", check=topic_safe_id)
     state_dir: Path = option(Path("/var/lib/edge-infer"), help="where the outbox and results database live")
@@ -357,6 +368,7 @@ class DeviceConfig:
     results: ResultsConfig = option(factory=ResultsConfig, help="[results] table")
     store: StoreConfig = option(factory=StoreConfig, help="[store] table")
     metrics: MetricsConfig = option(factory=MetricsConfig, help="[metrics] table")
+    archive: ArchiveConfig = option(factory=ArchiveConfig, help="[archive] table")
     log_level: str = option("INFO", help="DEBUG, INFO, WARNING or ERROR",
                             check=one_of("DEBUG", "INFO", "WARNING", "ERROR"))
 
@@ -380,6 +392,11 @@ class DeviceConfig:
     def store_path(self) -> Path:
         """The state database (results and outbox) in ``state_dir``."""
         return Path(self.state_dir) / "edge-infer.db"
+
+    @property
+    def archive_path(self) -> Path:
+        """The hard-example archive ([archive]) in ``state_dir``."""
+        return Path(self.state_dir) / "archive.db"
 
     @property
     def backend_options(self) -> Any:

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from . import __version__, protocol
+from .archive import HardExampleArchive
 from .classifier import Classifier, Inference
 from .backends import backend_telemetry
 from .config import DeviceConfig
@@ -59,7 +60,8 @@ KNOWN_COUNTERS = (
     "store_errors", "store_recoveries", "store_repaired", "results_lost_at_stop", "spool_processed",
     "spool_rejected", "spool_already_classified", "spool_rejected_not_regular", "spool_deferred_incomplete",
     "spool_ignored_dirs", "fallback_answers", "inference_unavailable", "inference_retries", "backend_child_failures",
-    "backend_restarts", "backend_start_failures", *(f"store_errors_{kind}" for kind in ("disk_full", "read_only", "corrupt", "io", "locked")))
+    "backend_restarts", "backend_start_failures", "archived", "archive_dropped", "archive_errors",
+    "archive_skipped_too_large", *(f"store_errors_{kind}" for kind in ("disk_full", "read_only", "corrupt", "io", "locked")))
 
 
 class EdgeService:
@@ -85,6 +87,8 @@ class EdgeService:
         self.writer = StoreWriter(self.store, self.health, self.counters, cfg.store,
                                   max_outbox_bytes=cfg.outbox.max_bytes, on_committed=self._poke)
         self.spool: SpoolWatcher | None = None
+        #: [archive] enabled: corrected samples kept for retraining (device/archive.py), written by the uplink
+        self.archive: HardExampleArchive | None = None
         self._started_at = 0.0
         self._last_counts: dict[str, int] = {}
         #: [metrics]: the Prometheus registry and server (device/metrics.py), and its per-input call
@@ -132,12 +136,13 @@ class EdgeService:
         if self.store.report.repaired:
             self.counters.inc("store_repaired")
         self.counters.inc("requeued_at_start", requeued)
+        self._open_archive()
         self._started_at = time.time()
         self.writer.start()
         if connect:
             self.uplink = Uplink(self.cfg, self.store, self.health, self.counters,
                                  labels=self.card.labels, waiters=self._waiters, status_fields=self.status,
-                                 status_key=self.classifier.state)
+                                 status_key=self.classifier.state, archive=self.archive)
             self.uplink.start()
         if self.cfg.spool.dir is not None:
             self.spool = SpoolWatcher(self.cfg.spool.dir, self.classify_bytes, self.counters, flush=self.flush,
@@ -149,6 +154,23 @@ class EdgeService:
         log.info("edge-infer %s ready: device %s, model %s (%s), threshold %.4f, broker %s:%d",
                  __version__, self.cfg.device_id, self.card.model_id, self.classifier.runtime,
                  self.policy.threshold, self.cfg.mqtt.host, self.cfg.mqtt.port)
+
+    def _open_archive(self) -> None:
+        """[archive]: open it (a failure costs the archive, never the service); disabled: say so if one is left."""
+        path = self.cfg.archive_path
+        if not self.cfg.archive.enabled:
+            if path.exists():
+                log.warning("archive is disabled but %s still holds archived images: export them with `edge-infer "
+                            "archive export`, or wipe them with `edge-infer archive wipe --yes`", path)
+            return
+        a = self.cfg.archive
+        archive = HardExampleArchive(path, max_items=a.max_items, max_bytes=a.max_bytes, counters=self.counters)
+        try:
+            archive.open()
+        except (OSError, sqlite3.Error) as exc:
+            log.error("hard-example archive %s cannot be opened (%s): running without it", path, exc)
+            return
+        self.archive = archive
 
     def _start_metrics(self) -> None:
         from .metrics import DeviceMetrics
@@ -170,6 +192,8 @@ class EdgeService:
         self.writer.stop()
         if self.uplink is not None:
             self.uplink.stop()
+        if self.archive is not None:
+            self.archive.close()   # after the uplink: its last corrections are flushed
         self.classifier.close()
         self.store.close()
         if self._started_at:
@@ -360,6 +384,7 @@ class EdgeService:
             # on audited (confident) inputs only: the edge model's observed accuracy proxy
             "audit_agreement": _share(counts["audit_agreed"], counts["audit_corrected"]),
             "counters": counts,
+            **({"archive": vars(self.archive.totals())} if self.archive is not None else {}),
             "started_at": self._started_at,
         }
 

@@ -339,13 +339,16 @@ class Store:
             return db.execute(SQL_RESEND, (now, now, CHUNK)).rowcount
 
     # ------------------------------------------------------------ replies
-    def apply_correction(self, c: Correction, now: float | None = None) -> ApplyOutcome:
+    def apply_correction(self, c: Correction, now: float | None = None, *, with_sample: bool = False) -> ApplyOutcome:
         """Apply a cloud correction exactly once (keyed by sample id), to a sample that was sent and
         awaits a reply (inflight, delivered, or queued to be sent again). ``c.label_name`` is stored as
-        given: the caller takes it from its own model card (protocol.parse_reply does)."""
+        given: the caller takes it from its own model card (protocol.parse_reply does). ``with_sample``:
+        the outcome carries the sample's content type and payload, read before the correction drops it
+        (for the hard-example archive; the same row, so no extra seek)."""
         now = time.time() if now is None else now
+        cols = "state, attempts, content_type, payload" if with_sample else "state, attempts"
         with self._tx() as db:
-            row = db.execute("SELECT state, attempts FROM outbox WHERE sample_id=?", (c.sample_id,)).fetchone()
+            row = db.execute(f"SELECT {cols} FROM outbox WHERE sample_id=?", (c.sample_id,)).fetchone()
             if row is None or (row[0] == UNSENT and row[1] == 0):
                 return ApplyOutcome(None, "unknown")   # never sent: no worker can be answering it
             if row[0] not in OPEN_STATES:
@@ -357,7 +360,8 @@ class Store:
                        "corrected_at=?, cloud_model=?, pub_seq=? WHERE sample_id=?",
                        (c.label, c.label_name, c.confidence, now, c.model_id, seq, c.sample_id))
             r = db.execute(f"SELECT {self._cols} FROM results WHERE sample_id=?", (c.sample_id,)).fetchone()
-        return ApplyOutcome(Due(seq, row_to_result(r)) if r else None, "applied")
+        sample = (row[2], bytes(row[3])) if with_sample and row[3] is not None else None
+        return ApplyOutcome(Due(seq, row_to_result(r)) if r else None, "applied", sample)
 
     def apply_error(self, e: ErrorReply) -> ApplyOutcome:
         """The cloud could not process the sample: the local answer becomes final."""

@@ -30,6 +30,8 @@ class ApplyOutcome:
     """What applying a reply did. ``due`` is None when nothing changed."""
     due: Due | None
     reason: str   # "applied", "duplicate", "unknown", "late"
+    #: (content type, payload) of the corrected sample, when asked for (the hard-example archive)
+    sample: tuple[str, bytes] | None = None
 
     @property
     def result(self) -> Result | None:

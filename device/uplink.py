@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from . import protocol
+from .archive import HardExampleArchive, archived_sample
 from .config import DeviceConfig
 from .mqtt_link import Connected, Disconnected, MqttLink, Published, Received
 from .resend import ResendPolicy, RoundTrips, resend_after
@@ -42,9 +43,11 @@ class Uplink:
 
     def __init__(self, cfg: DeviceConfig, store: Store, health: StoreHealth, counters: Counters, *,
                  labels: Sequence[str], waiters: dict[str, threading.Event],
-                 status_fields: Callable[[], dict[str, Any]], status_key: Callable[[], Any] | None = None) -> None:
+                 status_fields: Callable[[], dict[str, Any]], status_key: Callable[[], Any] | None = None,
+                 archive: HardExampleArchive | None = None) -> None:
         """``status_key``: read every turn; when its value changes the status is published at once
-        (the inference backend's state), as it is when the store becomes degraded or recovers."""
+        (the inference backend's state), as it is when the store becomes degraded or recovers.
+        ``archive``: corrected samples are put there ([archive] enabled) and flushed once per turn."""
         self.cfg = cfg
         self.topics = protocol.Topics(cfg.mqtt.topic_prefix, cfg.device_id)
         self.store = store
@@ -56,6 +59,7 @@ class Uplink:
         self._waiters = waiters
         self._status_fields = status_fields
         self._status_key = status_key or (lambda: None)
+        self._archive = archive
         self.link: MqttLink | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -149,6 +153,8 @@ class Uplink:
             self._send_results()
             self._send_samples()
         self._commit_progress()
+        if self._archive is not None:
+            self._archive.flush()   # never raises: a failing archive is counted, the outbox goes on
 
     def _guarded(self, where: str, step) -> bool:
         """Run one step of the link worker; a store error is reported (storehealth), never a traceback loop."""
@@ -327,11 +333,13 @@ class Uplink:
                 log.warning("cloud could not process sample %s: %s %s; the local answer stands",
                             reply.sample_id, reply.code, reply.message)
         else:
-            outcome = self.store.apply_correction(reply)
+            outcome = self.store.apply_correction(reply, with_sample=self._archive is not None)
             if outcome.reason == "applied":
                 self.counters.inc("corrected")
                 r = outcome.result
                 if r is not None:
+                    if self._archive is not None and outcome.sample is not None:
+                        self._archive.put(archived_sample(r, *outcome.sample, time.time()))
                     agreed = r.label == r.edge_label
                     self.counters.inc("corrections_agreed" if agreed else "corrections_changed_label")
                     if r.offload_reason == "audit":
