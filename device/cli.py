@@ -233,6 +233,10 @@ TOOLS = {
             "add_pki_arguments", "run_pki"),
     "inspect-model": ("which operators of a .tflite model run on the Edge TPU and which on the CPU",
                       ".backends.tflitemodel", "add_arguments", "run"),
+    "archive": ("the hard-example archive: info, export (one .npz per device), wipe", ".tools.archive_cmd",
+                "add_archive_arguments", "run_archive"),
+    "retrain": ("fine-tune the edge model's head on archive exports; write a new version only if it is better",
+                ".tools.retrain", "add_retrain_arguments", "run_retrain"),
 }
 
 
