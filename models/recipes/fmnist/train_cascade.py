@@ -7,7 +7,7 @@ Two stages (the loss is _cascade.LossConfig; the same network as train_edge.buil
 1. distillation from the cloud model: the cloud's soft labels (temperature T) on the 55k
    training images, plain and mirrored (computed once through the worker's own CloudModel
    and cached under models/.cache/), loss a*T^2*KL(teacher_T || student_T) + (1-a)*CE, with
-   random-crop (2 px padding) and horizontal-flip augmentation. Its weights are cached by
+   random-crop (--pad, 2 px) and horizontal-flip (unless --no-flip) augmentation. Its weights are cached by
    their settings, so stage-2 variants reuse them.
 2. optional Gatekeeper fine-tuning (arXiv 2502.19335): on training samples the student gets
    wrong while the cloud gets them right, push the student toward the uniform distribution
@@ -136,6 +136,7 @@ def cosine_lr(tf, peak: float, steps: int, warmup: bool):
 
 def fit_stage(tf, model, cfg: _cascade.LossConfig, *, epochs: int, lr: float, warmup: bool, batch_size: int,
               train_images: np.ndarray, y_plain: np.ndarray, y_mirrored: np.ndarray, augment: bool,
+              pad: int, flip: bool,
               rng: np.random.Generator, x_val: np.ndarray, y_val: np.ndarray, val_cloud: np.ndarray,
               name: str) -> list[dict[str, float]]:
     steps = epochs * int(np.ceil(len(train_images) / batch_size))
@@ -145,7 +146,7 @@ def fit_stage(tf, model, cfg: _cascade.LossConfig, *, epochs: int, lr: float, wa
     for epoch in range(epochs):
         t0 = time.perf_counter()
         if augment:
-            images, flipped = _cascade.augment(train_images, rng)
+            images, flipped = _cascade.augment(train_images, rng, pad=pad, flip=flip)
         else:
             images, flipped = train_images, np.zeros(len(train_images), dtype=bool)
         x = (images.astype(np.float32) / 255.0)[..., None]
@@ -167,6 +168,8 @@ def fit_stage(tf, model, cfg: _cascade.LossConfig, *, epochs: int, lr: float, wa
 def stage1_key(args: argparse.Namespace, cfg: _cascade.LossConfig) -> str:
     settings = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                 "augment": not args.no_augment, "loss": cfg.to_dict(), "v": 1}
+    if not args.no_augment and (args.pad != 2 or args.no_flip):   # keeps the keys of runs made before these flags
+        settings.update(pad=args.pad, flip=not args.no_flip)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -221,6 +224,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--temperature", type=float, default=3.0)
     ap.add_argument("--distill-weight", type=float, default=0.7, help="a: weight of the distillation term")
     ap.add_argument("--no-augment", action="store_true", help="no random crop / flip")
+    ap.add_argument("--pad", type=int, default=2, help="random-crop padding in pixels (0: no crop)")
+    ap.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
     ap.add_argument("--gate-epochs", type=int, default=0, help="stage 2 (Gatekeeper) epochs; 0: no stage 2")
     ap.add_argument("--gate-weight", type=float, default=0.5, help="g: weight of KL(student || uniform) on errors")
     ap.add_argument("--gate-all-errors", action="store_true",
@@ -256,7 +261,7 @@ def main() -> None:
         raise SystemExit(f"{n_params} parameters, the budget is {MAX_PARAMS}")
 
     data = _data.splits()
-    train, val, test = data["train"], data["val"], data["test"]
+    train, val = data["train"], data["val"]   # test: only measured, through edge_logits below
     teacher = teacher_logits(train.images)
     cloud_train_ok = teacher["plain"].argmax(1) == train.labels
     log.info("teacher train accuracy %.4f (plain), %.4f (mirrored)", cloud_train_ok.mean(),
@@ -269,7 +274,8 @@ def main() -> None:
     x_val = (val.images.astype(np.float32) / 255.0)[..., None]
     rng = np.random.default_rng(args.seed)
     common = dict(batch_size=args.batch_size, train_images=train.images, y_plain=y_plain, y_mirrored=y_mirrored,
-                  augment=not args.no_augment, x_val=x_val, y_val=val.labels, val_cloud=cloud["val"])
+                  augment=not args.no_augment, pad=args.pad, flip=not args.no_flip,
+                  x_val=x_val, y_val=val.labels, val_cloud=cloud["val"])
 
     _data.CACHE_DIR.mkdir(parents=True, exist_ok=True)
     key = stage1_key(args, stage1)
@@ -323,7 +329,7 @@ def main() -> None:
         "training": {
             "script": "models/recipes/fmnist/train_cascade.py",
             "method": ("distillation from fmnist-cloud-v1 (soft labels at temperature T on the training images, "
-                       "plain and mirrored) + cross-entropy, random crop (2 px padding) and horizontal flip"
+                       "plain and mirrored) + cross-entropy"
                        + ("; then Gatekeeper fine-tuning (arXiv 2502.19335): student errors "
                           + ("the cloud gets right" if stage2.gate_only_cloud_right else "")
                           + " pushed toward uniform" if args.gate_epochs else "")),
@@ -336,7 +342,8 @@ def main() -> None:
             "lr": args.lr,
             "temperature": args.temperature,
             "distill_weight": args.distill_weight,
-            "augment": not args.no_augment,
+            "augment": ("none" if args.no_augment else
+                        f"random crop (padding {args.pad} px)" + ("" if args.no_flip else ", horizontal flip")),
             "gate_epochs": args.gate_epochs,
             "gate_weight": args.gate_weight if args.gate_epochs else 0.0,
             "gate_only_cloud_right": stage2.gate_only_cloud_right,
@@ -373,6 +380,9 @@ def main() -> None:
     report_path = _data.CACHE_DIR / "cascade" / f"{args.out_dir.name}.json"
     report_path.parent.mkdir(parents=True, exist_ok=True)
     _data.write_json(report_path, report)
+    np.savez_compressed(report_path.with_suffix(".npz"),   # the int8 logits, as predictions.npz lays them out
+                        val_logits=edge["val"], test_logits=edge["test"],
+                        val_labels=labels["val"].astype(np.int64), test_labels=labels["test"].astype(np.int64))
 
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}%"
