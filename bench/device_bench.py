@@ -92,10 +92,12 @@ def peak_memory(tmp: Path, port: int, card: Path, files: list[tuple[bytes, str]]
         for i, (data, suffix) in enumerate(files):
             (spool / f".{i}.tmp").write_bytes(data)
             (spool / f".{i}.tmp").rename(spool / f"{i:05d}{suffix}")
+        def done_count() -> int:   # the service makes spool/done once it is up
+            return len(list((spool / "done").iterdir())) if (spool / "done").is_dir() else 0
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and len(list((spool / "done").iterdir())) < len(files):
+        while time.monotonic() < deadline and done_count() < len(files):
             time.sleep(0.1)
-        done = len(list((spool / "done").iterdir()))
+        done = done_count()
         status = Path(f"/proc/{proc.pid}/status").read_text()
         hwm_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
         rss_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
