@@ -39,7 +39,7 @@ from edge_infer.tools.datasets import load_fashion_mnist  # noqa: E402
 from edge_infer.tools.localbroker import LocalBroker  # noqa: E402
 from edge_infer.modelcard import load_card, verified_model_bytes  # noqa: E402
 from edge_infer.preprocess import Preprocessor, decode_image, encode_png  # noqa: E402
-from edge_infer.tools.photos import FOOLBOX_INSTALL, foolbox_photos_dir, list_photos  # noqa: E402
+from edge_infer.tools.photos import photo_stream  # noqa: E402
 from edge_infer.service import EdgeService  # noqa: E402
 
 EDGE_CARDS = {"fmnist": REPO / "models" / "fmnist-edge-v1" / "card.json",
@@ -130,15 +130,11 @@ def main() -> int:
         spool_files = [(encode_png(im), ".png") for im in images[: args.memory_files]]
         encoded = None
     else:
-        folder = args.photos or foolbox_photos_dir()
-        if folder is None:
-            print(f"no photos: pass --photos DIR or {FOOLBOX_INSTALL}", file=sys.stderr)
-            return 2
-        photos = [p.path for p in list_photos(folder, card.labels, foolbox_only=args.photos is None)]
-        encoded = [photos[i % len(photos)].read_bytes() for i in range(args.images)]
+        paths = photo_stream(args.photos, card.labels, args.images)
+        encoded = [p.read_bytes() for p in paths]
         images = encoded                              # classify() takes the file bytes
         tensors = np.stack([pre.to_tensor(decode_image(b).pixels) for b in encoded])
-        spool_files = [(b, photos[i % len(photos)].suffix) for i, b in enumerate(encoded[: args.memory_files])]
+        spool_files = [(b, p.suffix) for p, b in zip(paths, encoded[: args.memory_files])]
 
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)

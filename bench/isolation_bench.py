@@ -38,7 +38,7 @@ from edge_infer.classifier import Classifier  # noqa: E402
 from edge_infer.config import ModelConfig, PolicyConfig  # noqa: E402
 from edge_infer.modelcard import load_card, verified_model_bytes  # noqa: E402
 from edge_infer.preprocess import Preprocessor, decode_image  # noqa: E402
-from edge_infer.tools.photos import FOOLBOX_INSTALL, foolbox_photos_dir, list_photos  # noqa: E402
+from edge_infer.tools.photos import photo_stream  # noqa: E402
 from edge_infer.tools.datasets import load_fashion_mnist  # noqa: E402
 
 EDGE_CARDS = {"fmnist": REPO / "models" / "fmnist-edge-v1" / "card.json",
@@ -113,12 +113,7 @@ def main() -> int:
     if args.models == "fmnist":
         images = load_fashion_mnist("t10k").images[: args.images]
     else:
-        folder = args.photos or foolbox_photos_dir()
-        if folder is None:
-            print(f"no photos: pass --photos DIR or {FOOLBOX_INSTALL}", file=sys.stderr)
-            return 2
-        paths = [p.path for p in list_photos(folder, card.labels, foolbox_only=args.photos is None)]
-        images = [decode_image(paths[i % len(paths)].read_bytes()).pixels for i in range(args.images)]
+        images = [decode_image(p.read_bytes()).pixels for p in photo_stream(args.photos, card.labels, args.images)]
     pre = Preprocessor(card.input)
     tensors = [pre.batch(pre.fit(im)[None]) for im in images]
     opts = default_options("tflite-cpu")

@@ -59,3 +59,13 @@ def list_photos(root: Path, labels: Sequence[str], *, foolbox_only: bool = False
     if foolbox_only:
         files = [p for p in files if _FOOLBOX_NAME.match(p.name)]
     return [Photo(p, photo_label(p, root, labels)) for p in files]
+
+
+def photo_stream(folder: Path | None, labels: Sequence[str], n: int) -> list[Path]:
+    """``n`` photo paths for a benchmark: the folder's photos (default: foolbox's 20) cycled.
+    Raises FileNotFoundError, saying what to install, when there are none."""
+    root = folder or foolbox_photos_dir()
+    photos = [p.path for p in list_photos(root, labels, foolbox_only=folder is None)] if root else []
+    if not photos:
+        raise FileNotFoundError(f"no photos in {root}" if root else f"no photos: pass a folder, or {FOOLBOX_INSTALL}")
+    return [photos[i % len(photos)] for i in range(n)]

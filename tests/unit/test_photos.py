@@ -21,3 +21,15 @@ def test_listing_finds_photos_one_level_down_and_nothing_else(tmp_path):
     got = [(str(p.path.relative_to(tmp_path)), p.label) for p in list_photos(tmp_path, LABELS)]
     assert got == [("b.png", None), ("imagenet_01_1.jpg", 1), ("tench/x.JPG", 0)]
     assert [p.path.name for p in list_photos(tmp_path, LABELS, foolbox_only=True)] == ["imagenet_01_1.jpg"]
+
+
+def test_a_photo_stream_cycles_a_folder_and_says_when_it_is_empty(tmp_path):
+    import pytest
+
+    from edge_infer.tools.photos import photo_stream
+    for name in ("a.jpg", "b.png"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in photo_stream(tmp_path, LABELS, 5)] == ["a.jpg", "b.png", "a.jpg", "b.png", "a.jpg"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no photos in"):
+        photo_stream(tmp_path / "empty", LABELS, 3)
