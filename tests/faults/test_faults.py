@@ -79,6 +79,7 @@ def stream_with_faults(svc: EdgeService, images, faults: dict, name: str) -> tup
         if i in faults:
             faults[i]()
         results.append(svc.classify(im))
+    svc.flush()   # committed first: before that the outbox looks drained
     wait_for(lambda: drained(svc.store), timeout=120, what=f"{name}: everything corrected")
     return results, figures(svc.store, len(images), name)
 
@@ -189,6 +190,7 @@ def test_a_killed_workers_samples_come_back_after_the_adaptive_wait_not_the_conf
         images = fmnist["test"].images[:3000]
         for im in images[:1000]:                   # round trips observed: the wait adapts
             svc.classify(im)
+        svc.flush()   # committed first: before that the outbox looks drained
         wait_for(lambda: drained(svc.store), timeout=60, what="first 1000 corrected")
         workers[0].proc.send_signal(signal.SIGSTOP)   # it takes its share of samples and answers none ...
         for im in images[1000:2000]:
@@ -199,6 +201,7 @@ def test_a_killed_workers_samples_come_back_after_the_adaptive_wait_not_the_conf
         t0 = time.monotonic()
         for im in images[2000:]:
             svc.classify(im)
+        svc.flush()   # committed first: before that the outbox looks drained
         wait_for(lambda: drained(svc.store), timeout=90, what="every sample corrected after the kill")
         took = time.monotonic() - t0
         f = figures(svc.store, len(images), "worker SIGSTOP + SIGKILL, adaptive resend")

@@ -43,6 +43,7 @@ def shifted(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 def stream(svc: EdgeService, images: np.ndarray) -> list:
     sent = [svc.classify(im) for im in images]
+    svc.flush()   # stored first: until the writer has committed them, the outbox looks drained
     wait_for(lambda: drained(svc.store), timeout=60, what="every offloaded sample corrected")
     return [svc.result(r.sample_id) for r in sent]
 

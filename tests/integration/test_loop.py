@@ -48,6 +48,7 @@ def test_every_offloaded_sample_gets_the_cloud_models_correction(service, worker
     assert all(r.state == "final" for r in results if not r.offloaded)
     assert 0 < len(offloaded) < n, "threshold 0.9 should offload some but not all inputs"
 
+    service.flush()   # committed first: before that the outbox looks drained
     wait_for(lambda: drained(service.store), timeout=60, what="all corrections applied")
     final = [service.result(r.sample_id) for r in results]
     assert all(r.state == "final" for r in final)
@@ -217,6 +218,7 @@ def test_a_fast_correction_never_overtakes_the_provisional_result(tmp_path, brok
         rec = recorder_factory(svc.topics.results)
         results = [svc.classify(im) for im in fmnist["test"].images[:300]]
         offloaded = {r.sample_id for r in results if r.offloaded}
+        svc.flush()   # committed first: before that the outbox looks drained
         wait_for(lambda: drained(svc.store), timeout=60, what="all corrections applied and published")
         wait_for(lambda: len(rec.results(svc.topics.results)) >= 300 + len(offloaded), what="all results received")
         states: dict[str, list[str]] = {}

@@ -78,6 +78,7 @@ def test_scraped_device_and_worker_metrics_match_what_happened(tmp_path, broker,
         offloaded = [r for r in results if r.offloaded]
         by_reason = {why: sum(r.offload_reason == why for r in offloaded) for why in ("below_threshold", "audit")}
         assert by_reason["below_threshold"] > 0 and by_reason["audit"] > 0, by_reason
+        svc.flush()   # committed first: before that the outbox looks drained
         wait_for(lambda: drained(svc.store), timeout=60, what="all corrections applied")
         final = [svc.result(r.sample_id) for r in offloaded]
         agreed = sum(f.label == f.edge_label for f in final)
