@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 #: Counters the status always carries, at 0 until they happen: a dashboard must
 #: read "none yet", not a missing key. Anything else counted is listed as well.
 KNOWN_COUNTERS: tuple[str, ...] = (
-    "received", "corrected", "batches", "model_busy_us", "rejected", "error_replies", "replies_refused", "connects", "intake_errors",
+    "received", "corrected", "batches", "model_busy_us", "rejected", "error_replies", "replies_refused", "connects", "intake_errors", "reply_errors",
     *(f"rejected_{code}" for code in protocol.SAMPLE_ERROR_CODES),
 )
 
@@ -284,19 +284,24 @@ class CloudWorker:
     # ------------------------------------------------------------ reply thread
     def _reply_loop(self) -> None:
         while (done := self._done.get()) is not None:
-            try:
-                self._publish_corrections(done)
-            except Exception:
-                log.exception("worker reply error; continuing")
+            self._publish_corrections(done)
 
     def _publish_corrections(self, done: "_Finished") -> None:
-        assert self.model is not None
+        assert self.model is not None and self.link is not None
         card = self.model.card
         for r, label, conf in zip(done.batch, done.labels, done.confidences):
-            corr = protocol.Correction(r.req.sample_id, int(label), card.labels[int(label)], float(conf),
-                                       card.model_id, self.worker_id)
-            self._reply(r.msg, r.req.response_topic, r.req.correlation_data, protocol.encode_correction(corr))
-            self.counters.inc("corrected")
+            try:
+                corr = protocol.Correction(r.req.sample_id, int(label), card.labels[int(label)], float(conf),
+                                           card.model_id, self.worker_id)
+                self._reply(r.msg, r.req.response_topic, r.req.correlation_data, protocol.encode_correction(corr))
+                self.counters.inc("corrected")
+            except Exception:
+                # Acknowledged unanswered, as an intake error is: unacknowledged it would hold a
+                # receive-maximum slot until the worker reconnects. Its device sends it again.
+                self.counters.inc("reply_errors")
+                log.exception("unexpected error replying to sample %r; acknowledged unanswered (its device resends "
+                              "it)", r.req.sample_id)
+                self.link.ack(r.msg.mid, 1)
 
     # ------------------------------------------------------------ replies (either thread)
     def _reject(self, msg: Received, code: str, message: str, req: protocol.SampleRequest | None = None) -> None:

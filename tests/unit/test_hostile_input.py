@@ -526,3 +526,29 @@ def test_an_unexpected_error_running_a_batch_answers_and_acknowledges_every_samp
         w.link.events.put(Published(reply_mid, False, ""))
         w._take_event(timeout=0)
     assert sorted(w.link.acked) == [7, 8] and w.counters.get("rejected_model_error") == 2
+
+
+def test_an_unexpected_error_replying_acknowledges_that_sample_counts_it_and_answers_the_rest(cloud_model, monkeypatch):
+    from edge_infer_cloud import worker as worker_module
+    from edge_infer_cloud.worker import CloudWorker
+    from ..integration.helpers import worker_config
+    w = CloudWorker(worker_config(1))
+    w.model, w.link = cloud_model, _FakeLink()
+    dev = "dev-1"
+    for mid in (7, 8):
+        sid = f"s{mid}"
+        ups = [("v", "1"), ("sample_id", sid), ("device_id", dev)]
+        w.link.events.put(Received(f"{PREFIX}/{dev}/samples", b"P5\n1 1\n255\n\x00", 1, mid,
+                                   "image/x-portable-graymap", Topics(PREFIX, dev).corrections, sid.encode(), ups))
+        w._take_event(timeout=0)
+    w._run_batch(w.queue.take(timeout=0))
+    real = worker_module.protocol.encode_correction
+
+    def broken_for_s7(c):
+        if c.sample_id == "s7":
+            raise UnicodeError("encoder bug")
+        return real(c)
+    monkeypatch.setattr(worker_module.protocol, "encode_correction", broken_for_s7)
+    w._publish_corrections(w._done.get_nowait())
+    assert w.link.acked == [7] and w.counters.get("reply_errors") == 1 and w.counters.get("corrected") == 1
+    assert [cd for _, _, cd in w.link.published] == [b"s8"]
