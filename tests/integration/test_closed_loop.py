@@ -22,10 +22,8 @@ from edge_infer.preprocess import encode_png
 from edge_infer.service import EdgeService
 from edge_infer.tools.acceptance import paired_diff
 from edge_infer.tools.runmodel import edge_logits
-from edge_infer_cloud.worker import CloudWorker
 
 from ..conftest import EDGE_CARD, MODELS, device_toml, drained, unique, wait_for
-from .helpers import worker_config
 
 pytestmark = pytest.mark.integration
 
@@ -52,15 +50,6 @@ def figures(results: list, truth: np.ndarray) -> dict[str, np.ndarray]:
     return {"kept": np.array([not r.offloaded for r in results]),
             "edge_ok": np.array([r.edge_label == y for r, y in zip(results, truth)]),
             "hybrid_ok": np.array([r.label == y for r, y in zip(results, truth)])}
-
-
-@pytest.fixture
-def worker(broker):
-    w = CloudWorker(worker_config(broker.port))
-    w.start()
-    wait_for(w.link.connected.is_set, what="worker connected")
-    yield w
-    w.stop()
 
 
 def test_archived_corrections_make_an_edge_model_that_keeps_more_of_a_shifted_stream(tmp_path, broker, worker,

@@ -18,15 +18,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def worker(broker):
-    w = CloudWorker(worker_config(broker.port))
-    w.start()
-    wait_for(w.link.connected.is_set, what="worker connected")
-    yield w
-    w.stop()
-
-
-@pytest.fixture
 def service(tmp_path, broker):
     svc = EdgeService(device_config(tmp_path, broker.port))
     svc.start()
