@@ -1,37 +1,46 @@
 #!/usr/bin/env python3
-"""The offload curve on the shipped models, measured in one run.
+"""The offload curve of every edge model and every way of routing, side by side in one run.
 
-    .venv/bin/python bench/offload_curve.py [--cloud-predictions models/fmnist-cloud-v1/predictions.npz]
+    .venv/bin/python bench/offload_curve.py [--edge-card CARD ...] [--cloud-predictions PRED.npz]
                                             [--resamples 1000] [--out out/bench-offload.json]
+                                            [--png out/bench-offload.png]
 
-Edge logits come from the device's own path (backend + Preprocessor, one image per
+--edge-card may be given several times (default: every shipped Fashion-MNIST CPU edge
+model, models/fmnist-edge-v<N>/); the first is the reference the others are compared
+with. Edge logits come from the device's own path (backend + Preprocessor, one image per
 invoke); the cloud's answers from onnxruntime through edge_infer_cloud.CloudModel (or a
 predictions file). For every score the threshold is chosen on the validation split
 (5,000) to reach the cloud model's validation accuracy with the least offloading, then
-applied to the untouched test split (10,000). Printed per score:
+applied to the untouched test split (10,000). Per model it prints:
 
-- val kept        share kept on the device on validation at the target
-- test kept/acc   what that threshold does on test, and the accuracy gap to the cloud's
-- curve kept      reading the test curve itself at the cloud's test accuracy (the
-                  reference experiment's number: its threshold is chosen on test)
-- vs max_softmax  curve kept minus max-softmax's, mean and 95% interval of a paired
-                  bootstrap over test inputs (the noise of the comparison)
-- best acc        the best hybrid accuracy the score reaches on test, at what offload
+- A. the honest procedure per score: val kept, what that threshold does on test (kept,
+  accuracy, gap to the cloud), and the validation gain over max-softmax with its noise
+- B. the test curves read at the cloud's test accuracy and just below it, with paired
+  bootstrap intervals, best accuracy and AUC
 
 Router variants (logistic / MLP; target "edge answer right" / "cloud would not fix
-it") are cross-fitted on validation. Two bounds frame the result: the oracle router
-(offloads exactly what the cloud fixes) and an "embedding router", a logistic router
-on the edge model's 64-d penultimate features read from the interpreter; the shipped
-model does not export them, so it is a measurement of what a richer edge output would
-give, not a deployable score.
+it") are cross-fitted on validation. The bounds frame the result: the oracle router
+(offloads exactly what the cloud fixes), an "embedding router" (a logistic router on the
+edge model's penultimate features read from the interpreter: the shipped models do not
+export them, so it measures what a richer edge output would give) and test-time
+augmentation (the mean softmax over the image and four one-pixel shifts: 5 invokes).
+
+C. then sets every model and method side by side: the single max-softmax threshold, the
+score `edge-infer calibrate` would pick, per-class thresholds, the threshold certified by
+`calibrate --risk` (its own target: the cloud's accuracy minus --tolerance), and the
+bounds; with each model's validation gain over the reference model, from a paired
+bootstrap that resamples the same inputs for both models. The PNG draws the test curves.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,17 +49,21 @@ sys.path.insert(0, str(REPO))
 
 from edge_infer.calibration.compare import Split, calibrate_arrays, evaluate_score
 from edge_infer.calibration.curves import bootstrap_kept_difference, kept_share_at
+from edge_infer.calibration.guarantee import EXACT_SCORES
+from edge_infer.calibration.perclass import ClassData, fit_class_thresholds
 from edge_infer.calibration.data import cloud_predictions_from_file, cloud_predictions_from_model, load_data
 from edge_infer.calibration.fitting import (
     DEFAULT_ROUTER_FEATURES, RouterTraining, fit_router_arrays, fold_indices, router_labels,
 )
 from edge_infer.modelcard import load_card, verified_model_bytes
-from edge_infer.scores import router_features
+from edge_infer.scores import ScoreParams, make_scorer, router_features
 from edge_infer.tools.datasets import DEFAULT_FMNIST_DIR
 from edge_infer.tools.runmodel import edge_logits
 
 EDGE_CARD = REPO / "models" / "fmnist-edge-v1" / "card.json"
 CLOUD_CARD = REPO / "models" / "fmnist-cloud-v1" / "card.json"
+
+TTA = "tta5[max_softmax]"
 
 ROUTER_VARIANTS = {
     "router": RouterTraining(model="logistic", target="edge_correct"),
@@ -128,66 +141,80 @@ def ci(point: float | None, d) -> str:
     return f"{point * 100:+5.1f} [{d.low * 100:+5.1f},{d.high * 100:+5.1f}]"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--edge-card", type=Path, default=EDGE_CARD)
-    ap.add_argument("--cloud-card", type=Path, default=CLOUD_CARD)
-    ap.add_argument("--cloud-predictions", type=Path, default=None,
-                    help="use these cloud answers instead of running the cloud model")
-    ap.add_argument("--data", type=Path, default=DEFAULT_FMNIST_DIR)
-    ap.add_argument("--resamples", type=int, default=1000, help="paired bootstrap resamples")
-    ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-bounds", action="store_true", help="skip the embedding-router and TTA measurements")
-    ap.add_argument("--out", type=Path, default=Path("out/bench-offload.json"))
-    args = ap.parse_args()
+@dataclass
+class ModelRun:
+    """One edge model measured: its splits, calibrate's result, every score's values and curves."""
+    card: Any
+    val: Split
+    test: Split
+    cal: Any                                   # edge_infer.calibration.compare.Calibration
+    results: dict[str, Any] = field(default_factory=dict)
+    curves: dict[str, Any] = field(default_factory=dict)         # score -> test curve
+    values: dict[str, np.ndarray] = field(default_factory=dict)  # score -> test values
+    val_values: dict[str, np.ndarray] = field(default_factory=dict)
+    val_edge_ok: dict[str, np.ndarray] = field(default_factory=dict)   # score -> val edge answers (TTA: its own)
+    test_edge_ok: dict[str, np.ndarray] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    per_class: Any = None                      # ClassThresholdFit on max_softmax, mode "on"
+    certified: Any = None                      # Calibration at --risk
+    seconds: dict[str, float] = field(default_factory=dict)
+    name: str = ""                             # model id, made unique when two runs share one
 
-    t_start = time.monotonic()
-    card = load_card(args.edge_card)
-    val_set, test_set, _ = load_data(args.data, None, list(card.labels), args.seed)
+
+def default_edge_cards() -> list[Path]:
+    """The shipped CPU edge models (fmnist-edge-v<N>), oldest first; not the -trt / -edgetpu builds."""
+    found = [d for d in (REPO / "models").glob("fmnist-edge-v*") if re.fullmatch(r"fmnist-edge-v\d+", d.name)]
+    return [d / "card.json" for d in sorted(found, key=lambda d: int(d.name.rsplit("v", 1)[1]))
+            if (d / "card.json").is_file()]
+
+
+def measure_model(card, val_set, test_set, cloud: dict[str, np.ndarray], args: argparse.Namespace) -> ModelRun:
     t0 = time.monotonic()
     logits = {"val": edge_logits(card, val_set.images, progress=False, label="edge val"),
               "test": edge_logits(card, test_set.images, progress=False, label="edge test")}
     t_edge = time.monotonic() - t0
-    t0 = time.monotonic()
-    if args.cloud_predictions:
-        cloud = cloud_predictions_from_file(args.cloud_predictions, {"val": len(val_set), "test": len(test_set)},
-                                            {"val": val_set.labels, "test": test_set.labels}, len(card.labels))
-        cloud_src = str(args.cloud_predictions)
-    else:
-        cloud, info = cloud_predictions_from_model(args.cloud_card, {"val": val_set, "test": test_set}, 0, False)
-        cloud_src = f"{info['model']} via {info['runtime']}"
-    t_cloud = time.monotonic() - t0
     val = Split(logits["val"], val_set.labels, cloud["val"])
     test = Split(logits["test"], test_set.labels, cloud["test"])
 
     t0 = time.monotonic()
     cal = calibrate_arrays(val, test, router_cfg=ROUTER_VARIANTS["router"], folds=args.folds, seed=args.seed,
                            resamples=args.resamples)
-    t_cal = time.monotonic() - t0
-    results = dict(cal.results)
-    curves = {k: v["test"] for k, v in cal.curves.items()}
-    values = {k: v["test"] for k, v in cal.values.items()}
-    val_values = {k: v["val"] for k, v in cal.values.items()}
-    kinds = {k: "deployable" for k in results}
+    run = ModelRun(card, val, test, cal, results=dict(cal.results),
+                   curves={k: v["test"] for k, v in cal.curves.items()},
+                   values={k: v["test"] for k, v in cal.values.items()},
+                   val_values={k: v["val"] for k, v in cal.values.items()})
+    run.kinds = dict.fromkeys(run.results, "deployable")
     for name, cfg in ROUTER_VARIANTS.items():
         if name == "router":
             continue
         c = calibrate_arrays(val, test, scores=("router",), router_cfg=cfg, folds=args.folds, seed=args.seed)
         if "router" in c.results:
             r = c.results["router"]
-            results[name] = r.__class__(**{**r.__dict__, "score": name})
-            values[name], curves[name], kinds[name] = c.values["router"]["test"], c.curves["router"]["test"], \
-                "deployable"
-            val_values[name] = c.values["router"]["val"]
+            run.results[name] = r.__class__(**{**r.__dict__, "score": name})
+            run.values[name], run.curves[name], run.kinds[name] = c.values["router"]["test"], \
+                c.curves["router"]["test"], "deployable"
+            run.val_values[name] = c.values["router"]["val"]
+    for name in run.results:
+        run.val_edge_ok[name], run.test_edge_ok[name] = val.edge_ok, test.edge_ok
+
+    # what calibrate's two other ways of setting the threshold make of this model
+    single = cal.results["max_softmax"]
+    run.per_class = fit_class_thresholds(
+        "max_softmax", ClassData(run.val_values["max_softmax"], val.logits.argmax(1), val.edge_ok, val.cloud_ok),
+        ClassData(run.values["max_softmax"], test.logits.argmax(1), test.edge_ok, test.cloud_ok), cal.target,
+        test.logits.shape[1], single.val, single.test, mode="on", folds=args.folds, seed=args.seed,
+        resamples=args.resamples)
+    run.certified = calibrate_arrays(val, test, scores=EXACT_SCORES, folds=args.folds, seed=args.seed,
+                                     resamples=0, tolerance=args.tolerance, risk=args.risk)
+    t_cal = time.monotonic() - t0
 
     def add_bound(name: str, sv: np.ndarray, st: np.ndarray, v: Split, t: Split, kind: str) -> None:
         res, _, ct = evaluate_score(name, sv, st, v.edge_ok, v.cloud_ok, t.edge_ok, t.cloud_ok,
                                     cal.target, cal.test_target_accuracy)
-        results[name], values[name], curves[name], kinds[name] = res, st, ct, kind
-        val_values[name] = sv
+        run.results[name], run.values[name], run.curves[name], run.kinds[name] = res, st, ct, kind
+        run.val_values[name], run.val_edge_ok[name], run.test_edge_ok[name] = sv, v.edge_ok, t.edge_ok
 
-    notes = {}
     if not args.no_bounds:
         t0 = time.monotonic()
         ev = edge_embeddings(card, val_set.images)
@@ -200,31 +227,36 @@ def main() -> int:
                 oof, st = cross_fitted(fv, ft, y, RouterTraining(model="logistic", target=tgt, l2=1e-2),
                                        args.folds, args.seed)
                 add_bound(f"embedding-router[{tgt}]", oof, st, val, test, "needs a model exporting embeddings")
-            notes["embedding"] = f"{ev.shape[1]}-d penultimate features + logit features ({time.monotonic() - t0:.1f}s)"
+            run.notes["embedding"] = (f"{ev.shape[1]}-d penultimate features + logit features "
+                                      f"({time.monotonic() - t0:.1f}s)")
         else:
-            notes["embedding"] = "unavailable (no ai-edge-litert or no pooling tensor)"
+            run.notes["embedding"] = "unavailable (no ai-edge-litert or no pooling tensor)"
         t0 = time.monotonic()
         tv = Split(tta_logits(card, val_set.images), val.labels, val.cloud_pred)
         tt = Split(tta_logits(card, test_set.images), test.labels, test.cloud_pred)
-        from edge_infer.scores import ScoreParams, make_scorer
         f = make_scorer("max_softmax", ScoreParams())
-        add_bound("tta5[max_softmax]", f(tv.logits), f(tt.logits), tv, tt, "needs 5 invokes per input")
-        notes["tta"] = (f"mean softmax over the image and 4 one-pixel shifts; its own edge accuracy "
-                        f"val {tv.edge_ok.mean():.4f} test {tt.edge_ok.mean():.4f} ({time.monotonic() - t0:.1f}s)")
+        add_bound(TTA, f(tv.logits), f(tt.logits), tv, tt, "needs 5 invokes per input")
+        run.notes["tta"] = (f"mean softmax over the image and 4 one-pixel shifts; its own edge accuracy "
+                            f"val {tv.edge_ok.mean():.4f} test {tt.edge_ok.mean():.4f} ({time.monotonic() - t0:.1f}s)")
+    run.seconds = {"edge": t_edge, "calibration": t_cal}
+    return run
 
+
+def print_detail(run: ModelRun, args: argparse.Namespace) -> dict[str, Any]:
+    """Sections A and B for one model; returns its JSON record."""
+    cal, val, test, results, curves = run.cal, run.val, run.test, run.results, run.curves
     ca = cal.cloud_accuracy["test"]
-    # TTA changes the edge answers too, so its bootstrap pairs its own correctness; skip it there
-    same_edge = {k: v for k, v in values.items() if not k.startswith("tta")}
+    # TTA changes the edge answers too, so this bootstrap (one model's answers) leaves it out
+    same_edge = {k: v for k, v in run.values.items() if k != TTA}
     d0 = bootstrap_kept_difference(same_edge, test.edge_ok, test.cloud_ok, resamples=args.resamples, seed=args.seed)
     d5 = bootstrap_kept_difference(same_edge, test.edge_ok, test.cloud_ok, resamples=args.resamples, seed=args.seed,
                                    accuracy_offset=0.005)
     ref = results["max_softmax"]
-    val_gain = bootstrap_kept_difference({k: v for k, v in val_values.items() if not k.startswith("tta")},
+    val_gain = bootstrap_kept_difference({k: v for k, v in run.val_values.items() if k != TTA},
                                          val.edge_ok, val.cloud_ok, resamples=args.resamples, seed=args.seed)
 
-    print(f"edge {card.model_id} (device path, {t_edge:.1f}s for {len(val) + len(test):,} images): "
+    print(f"=== edge {run.name} (device path, {run.seconds['edge']:.1f}s for {len(val) + len(test):,} images): "
           f"val {cal.edge_accuracy['val']:.4f}  test {cal.edge_accuracy['test']:.4f}")
-    print(f"cloud {cloud_src}: val {cal.cloud_accuracy['val']:.4f}  test {ca:.4f}")
     e, c = test.edge_ok, test.cloud_ok
     print(f"test: the cloud fixes {(~e & c).mean():.2%} of inputs, breaks {(e & ~c).mean():.2%}, both wrong "
           f"{(~e & ~c).mean():.2%}; temperature fitted on val {cal.temperature:.3f}")
@@ -237,7 +269,10 @@ def main() -> int:
     print("-" * len(head))
     for name, r in results.items():
         g = val_gain.get(name)
-        tag = "" if kinds[name] == "deployable" else f"  ({kinds[name]})"
+        tag = "" if run.kinds[name] == "deployable" else f"  ({run.kinds[name]})"
+        if r.test is None:
+            print(f"{name:<36} {pp(None):>8}  (the target is not reached on validation){tag}")
+            continue
         print(f"{name:<36} {pp(r.val.kept_share):>8} {pp(r.test.kept_share):>9} {r.test.accuracy:>8.4f} "
               f"{r.test.accuracy - ca:>+8.4f} {(r.test.kept_share - ref.test.kept_share) * 100:>+12.1f}pp "
               f"{ci(r.val.kept_share - ref.val.kept_share, g) if g else '':>30}{tag}")
@@ -249,19 +284,20 @@ def main() -> int:
     print(head)
     print("-" * len(head))
     rows = []
+    r0, r5 = kept_share_at(curves["max_softmax"], ca), kept_share_at(curves["max_softmax"], ca - 0.005)
     for name, r in results.items():
         cv = curves[name]
         k0, k25, k5 = (kept_share_at(cv, ca - d) for d in (0.0, 0.0025, 0.005))
         a, b = (None, None) if name == "max_softmax" else (d0.get(name), d5.get(name))
-        r0, r5 = kept_share_at(curves["max_softmax"], ca), kept_share_at(curves["max_softmax"], ca - 0.005)
 
         def fmt(d, point, nm=name) -> str:
             return "reference" if nm == "max_softmax" else (ci(point, d) if d else "(own edge answers)")
         print(f"{name:<36} {pp(k0):>7} {fmt(a, None if k0 is None else k0 - r0):>24} {pp(k25):>8} {pp(k5):>8} "
               f"{fmt(b, None if k5 is None else k5 - r5):>24} "
               f"{r.test_best.accuracy:>10.4f} @ {r.test_best.offloaded_share:>5.1%} off {r.test_auc or float('nan'):>6.3f}")
-        rows.append(r.to_dict() | {"kind": kinds[name], "test_curve_kept": {"at_cloud": k0, "at_cloud_minus_0.25pp": k25,
-                                                                          "at_cloud_minus_0.5pp": k5},
+        rows.append(r.to_dict() | {"kind": run.kinds[name],
+                                   "test_curve_kept": {"at_cloud": k0, "at_cloud_minus_0.25pp": k25,
+                                                       "at_cloud_minus_0.5pp": k5},
                                    "vs_max_softmax_at_cloud": a.to_dict() if a else None,
                                    "vs_max_softmax_at_cloud_minus_0.5pp": b.to_dict() if b else None,
                                    "validation_gain": val_gain[name].to_dict() if name in val_gain else None})
@@ -269,41 +305,234 @@ def main() -> int:
     ok0, ok25, ok5 = (kept_share_at(oc, ca - d) for d in (0.0, 0.0025, 0.005))
     print(f"{'oracle router (upper bound)':<36} {pp(ok0):>7} {'':>24} {pp(ok25):>8} {pp(ok5):>8} {'':>24} "
           f"{cal.oracle.test_best.accuracy:>10.4f} @ {cal.oracle.test_best.offloaded_share:>5.1%} off")
-    print()
-    deployable = {k: v for k, v in results.items() if kinds[k] == "deployable"}
-    met = {k: r for k, r in deployable.items() if r.test.accuracy >= ca}
-    best = max(met.values() or deployable.values(), key=lambda r: r.test.kept_share)
-    gain = best.test.kept_share - ref.test.kept_share
-    g = val_gain.get(best.score)
-    print(f"A: of the deployable scores whose val-chosen threshold also reaches the cloud's accuracy on test, "
-          f"{best.score} keeps the most: {best.test.kept_share:.1%} vs max_softmax {ref.test.kept_share:.1%} "
-          f"({gain * 100:+.1f} pp)" + (f"; on validation {(best.val.kept_share - ref.val.kept_share) * 100:+.1f} pp, "
-                                       f"95% CI [{g.low * 100:+.1f}, "
-                                       f"{g.high * 100:+.1f}]: {'beyond' if g.significant else 'within'} noise"
-                                       if g else ""))
-    missed = [k for k in deployable if k not in met]
-    if missed:
-        print(f"   (on test {', '.join(missed)} fall below the cloud's accuracy, so their kept share is not "
-              "at the same accuracy)")
-    k_ref = kept_share_at(curves["max_softmax"], ca)
-    best_b = max(deployable, key=lambda k: kept_share_at(curves[k], ca) or 0)
-    print(f"B: at the cloud's test accuracy max_softmax keeps {k_ref:.1%}, the best deployable ({best_b}) "
-          f"{kept_share_at(curves[best_b], ca):.1%}, the oracle router {ok0:.1%}")
-    print(f"goal (+10 pp kept vs max_softmax at the same accuracy): {'MET' if gain >= 0.10 else 'NOT MET'}")
-    for k, v in notes.items():
+    for k, v in run.notes.items():
         print(f"{k}: {v}")
-    t_total = time.monotonic() - t_start
-    print(f"time: edge inference {t_edge:.1f}s, cloud {t_cloud:.1f}s, calibration {t_cal:.1f}s, total {t_total:.1f}s")
+    print()
+    return {"edge": run.name, "edge_accuracy": cal.edge_accuracy, "temperature": cal.temperature,
+            "scores": rows, "oracle": cal.oracle.to_dict() | {"test_curve_kept": {
+                "at_cloud": ok0, "at_cloud_minus_0.25pp": ok25, "at_cloud_minus_0.5pp": ok5}},
+            "per_class_thresholds": run.per_class.to_dict(list(run.card.labels)),
+            "certified": {k: r.to_dict(run.certified.target) for k, r in run.certified.results.items()},
+            "certified_choice": run.certified.chosen, "notes": run.notes, "seconds": run.seconds}
 
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the side-by-side table: a model and a way of routing its answers."""
+    model: str
+    method: str
+    kind: str                    # deployable, or what it would need
+    val_kept: float | None       # at the val-chosen threshold
+    test_kept: float | None
+    test_accuracy: float | None
+    curve_at_cloud: float | None     # the test curve read at the cloud's test accuracy
+    curve_at_minus_025: float | None
+    edge_test_accuracy: float
+    auc: float | None
+    gain_key: str | None = None  # the score whose values enter the cross-model bootstrap
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "gain_key"}
+
+
+def model_rows(run: ModelRun) -> tuple[list[Row], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """One model's rows of the side-by-side table, and per bootstrap key its validation values
+    and edge answers."""
+    rows: list[Row] = []
+    series: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    ca = run.cal.cloud_accuracy["test"]
+
+    def add(method: str, name: str, kind: str, res=None, at_cloud: bool = True) -> None:
+        r = run.results[name] if res is None else res
+        key = f"{run.name} {method}"
+        curve = run.curves[name]
+        rows.append(Row(run.name, method, kind, r.val.kept_share if r.val else None,
+                        r.test.kept_share if r.test else None, r.test.accuracy if r.test else None,
+                        kept_share_at(curve, ca) if at_cloud else None,
+                        kept_share_at(curve, ca - 0.0025) if at_cloud else None,
+                        float(run.test_edge_ok[name].mean()), r.test_auc, key if at_cloud else None))
+        if at_cloud:
+            series[key] = (run.val_values[name], run.val_edge_ok[name])
+
+    add("max_softmax", "max_softmax", "deployable")
+    chosen = run.cal.chosen
+    if chosen and chosen != "max_softmax":
+        add(f"calibrate's pick ({chosen})", chosen, "deployable")
+    pc = run.per_class
+    if pc.test is not None:
+        rows.append(Row(run.name, "per-class thresholds (max_softmax)", "deployable",
+                        pc.val_cross_fitted.kept_share if pc.val_cross_fitted else None, pc.test.kept_share,
+                        pc.test.accuracy, None, None, float(run.test.edge_ok.mean()), None))
+    cert_name = run.certified.chosen
+    if cert_name is not None:
+        add(f"certified ({cert_name}, risk {run.certified.risk:g}, -{run.certified.target.tolerance * 100:.2f}pp)",
+            cert_name, "deployable", res=run.certified.results[cert_name], at_cloud=False)
+    if TTA in run.results:
+        add(TTA, TTA, run.kinds[TTA])
+    emb = [k for k in run.results if k.startswith("embedding-router")]
+    if emb:
+        best = max(emb, key=lambda k: run.results[k].val.kept_share if run.results[k].val else -1)
+        add(best, best, run.kinds[best])
+    return rows, series
+
+
+def print_side_by_side(runs: list[ModelRun], args: argparse.Namespace) -> dict[str, Any]:
+    rows: list[Row] = []
+    series: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for run in runs:
+        r, sv = model_rows(run)
+        rows += r
+        series |= sv
+    ref_run = runs[0]
+    ref_key = f"{ref_run.name} max_softmax"
+    val_c = ref_run.val.cloud_ok
+    gains = bootstrap_kept_difference({k: v for k, (v, _) in series.items()}, {k: e for k, (_, e) in series.items()},
+                                      val_c, reference=ref_key, resamples=args.resamples, seed=args.seed)
+    ca = ref_run.cal.cloud_accuracy
+    ref_val = rows[0].val_kept          # the reference model's max_softmax
+    print(f"C. every model and method side by side (cloud accuracy val {ca['val']:.4f}, test {ca['test']:.4f}); "
+          "kept at the val-chosen threshold, and the test curve read at the cloud's test accuracy")
+    head = (f"{'model':<20} {'method':<48} {'val kept':>8} {'test kept':>9} {'- cloud':>8} {'curve@cloud':>11} "
+            f"{'@-0.25pp':>8} {'edge acc':>8} {'AUC':>6} {'val gain vs ' + ref_key + ', 95% CI':>40}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        g = gains.get(r.gain_key) if r.gain_key else None
+        gap = "" if r.test_accuracy is None else f"{r.test_accuracy - ca['test']:+8.4f}"
+        tag = "" if r.kind == "deployable" else f"  ({r.kind})"
+        print(f"{r.model:<20} {r.method:<48} {pp(r.val_kept):>8} {pp(r.test_kept):>9} {gap:>8} "
+              f"{pp(r.curve_at_cloud):>11} {pp(r.curve_at_minus_025):>8} {r.edge_test_accuracy:>8.4f} "
+              f"{'-' if r.auc is None else f'{r.auc:.3f}':>6} "
+              f"{ci(None if r.val_kept is None or ref_val is None else r.val_kept - ref_val, g) if g else '':>40}{tag}")
+    for run in runs:
+        ok = kept_share_at(run.cal.oracle_curves["test"], ca["test"])
+        print(f"{run.name:<20} {'oracle router (upper bound)':<48} {'':>8} {'':>9} {'':>8} {pp(ok):>11}")
+        pc = run.per_class
+        if pc.gain is not None:
+            print(f"{'':<20}   per-class thresholds vs the single threshold on val: "
+                  f"{ci(pc.gain.mean, pc.gain)} pp ({'beyond' if pc.gain.significant else 'within'} noise)")
+    met = [r for r in rows if r.kind == "deployable" and r.test_kept is not None and r.test_accuracy is not None
+           and r.test_accuracy >= ca["test"] and r.gain_key is not None]
+    best = max(met, key=lambda r: r.test_kept, default=None)
+    if best is not None:
+        print(f"goal (#16: >= 80% kept on test at the cloud's accuracy, threshold chosen on val, deployable): "
+              f"best {best.model} {best.method}: {best.test_kept:.1%} -> {'MET' if best.test_kept >= 0.80 else 'NOT MET'}")
+    print()
+    return {"reference": ref_key, "rows": [r.to_dict() | {
+        "validation_gain_vs_reference": gains[r.gain_key].to_dict() if r.gain_key in gains else None} for r in rows],
+        "goal_best": None if best is None else best.to_dict()}
+
+
+def plot_side_by_side(runs: list[ModelRun], path: Path) -> str:
+    """Hybrid test accuracy against the share kept on the device, every model's max-softmax and
+    TTA curves, the val-chosen points, the cloud's accuracy; the right panel zooms in on it."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return "no PNG: matplotlib is not installed (pip install 'edge-infer[calibrate]')"
+    fig = Figure(figsize=(13, 5.5), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    ca = runs[0].cal.cloud_accuracy["test"]
+    colors = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+    for ax, (lo, hi), title in ((axes[0], (0.85, 0.96), "test split"),
+                                (axes[1], (ca - 0.006, ca + 0.003), "zoom on the cloud's accuracy")):
+        for i, run in enumerate(runs):
+            col = colors[i % len(colors)]
+            styles = {"max_softmax": "-", TTA: "--"}
+            if run.cal.chosen not in (None, "max_softmax"):
+                styles[run.cal.chosen] = "-."
+            for name, ls in styles.items():
+                if name not in run.curves:
+                    continue
+                c = run.curves[name]
+                ax.plot((1 - c.offloaded_share) * 100, c.accuracy * 100, color=col, ls=ls, lw=1.2,
+                        label=f"{run.name} {name}")
+            r = run.results["max_softmax"].test
+            if r is not None:
+                ax.plot([r.kept_share * 100], [r.accuracy * 100], "o", mfc="none", mew=2, color=col)
+            oc = run.cal.oracle_curves["test"]
+            if i == 0:
+                ax.plot((1 - oc.offloaded_share) * 100, oc.accuracy * 100, color="gray", ls=":", lw=1,
+                        label=f"{run.name} oracle router")
+        ax.axhline(ca * 100, color="black", ls="--", lw=1, label=f"cloud only {ca:.2%}")
+        ax.axvline(80, color="tab:red", ls=":", lw=1, label="goal: 80% kept")
+        ax.set_xlim(40, 100)
+        ax.set_ylim(lo * 100, hi * 100)
+        ax.set_xlabel("inputs kept on the device (%)")
+        ax.set_ylabel("hybrid accuracy (%)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower left", fontsize=7)
+    fig.suptitle("bench/offload_curve.py: hybrid accuracy vs share kept (circles: threshold chosen on val)",
+                 fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return f"wrote {path}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--edge-card", type=Path, action="append", default=None,
+                    help="an edge model's card; repeat to compare several (the first is the reference; default: "
+                         "every shipped models/fmnist-edge-v<N>/card.json)")
+    ap.add_argument("--cloud-card", type=Path, default=CLOUD_CARD)
+    ap.add_argument("--cloud-predictions", type=Path, default=None,
+                    help="use these cloud answers instead of running the cloud model")
+    ap.add_argument("--data", type=Path, default=DEFAULT_FMNIST_DIR)
+    ap.add_argument("--resamples", type=int, default=1000, help="paired bootstrap resamples")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--risk", type=float, default=0.05, help="the certified row's risk (calibrate --risk)")
+    ap.add_argument("--tolerance", type=float, default=0.0025,
+                    help="the certified row's tolerance below the cloud's accuracy (calibrate --tolerance)")
+    ap.add_argument("--no-bounds", action="store_true", help="skip the embedding-router and TTA measurements")
+    ap.add_argument("--out", type=Path, default=Path("out/bench-offload.json"))
+    ap.add_argument("--png", type=Path, default=Path("out/bench-offload.png"))
+    args = ap.parse_args()
+
+    t_start = time.monotonic()
+    paths = args.edge_card or default_edge_cards()
+    if not paths:
+        print("no edge model: pass --edge-card CARD", file=sys.stderr)
+        return 2
+    cards = [load_card(p) for p in paths]
+    labels = list(cards[0].labels)
+    if any(list(c.labels) != labels for c in cards):
+        print("the edge models' labels differ: compare models of one task", file=sys.stderr)
+        return 2
+    val_set, test_set, _ = load_data(args.data, None, labels, args.seed)
+    t0 = time.monotonic()
+    if args.cloud_predictions:
+        cloud = cloud_predictions_from_file(args.cloud_predictions, {"val": len(val_set), "test": len(test_set)},
+                                            {"val": val_set.labels, "test": test_set.labels}, len(labels))
+        cloud_src = str(args.cloud_predictions)
+    else:
+        cloud, info = cloud_predictions_from_model(args.cloud_card, {"val": val_set, "test": test_set}, 0, False)
+        cloud_src = f"{info['model']} via {info['runtime']}"
+    t_cloud = time.monotonic() - t0
+    print(f"cloud {cloud_src}: val {(cloud['val'] == val_set.labels).mean():.4f}  "
+          f"test {(cloud['test'] == test_set.labels).mean():.4f}")
+    print()
+    runs = [measure_model(card, val_set, test_set, cloud, args) for card in cards]
+    ids = [c.model_id for c in cards]
+    for i, run in enumerate(runs):
+        run.name = ids[i] if ids.count(ids[i]) == 1 else f"{ids[i]}#{i + 1}"
+    details = [print_detail(run, args) for run in runs]
+    table = print_side_by_side(runs, args)
+    print(plot_side_by_side(runs, args.png))
+    t_total = time.monotonic() - t_start
+    print(f"time: edge models {sum(r.seconds['edge'] for r in runs):.1f}s, cloud {t_cloud:.1f}s, calibration "
+          f"{sum(r.seconds['calibration'] for r in runs):.1f}s, total {t_total:.1f}s")
+
+    cal = runs[0].cal
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "edge": card.model_id, "cloud": cloud_src, "sizes": cal.sizes,
-        "edge_accuracy": cal.edge_accuracy, "cloud_accuracy": cal.cloud_accuracy, "temperature": cal.temperature,
+        "cloud": cloud_src, "sizes": cal.sizes, "cloud_accuracy": cal.cloud_accuracy,
         "target": cal.target.to_dict(), "test_target_accuracy": cal.test_target_accuracy,
-        "scores": rows, "oracle": cal.oracle.to_dict() | {"test_curve_kept": {
-            "at_cloud": ok0, "at_cloud_minus_0.25pp": ok25, "at_cloud_minus_0.5pp": ok5}},
-        "notes": notes, "best_deployable_at_cloud_accuracy": best.score, "gain_pp_test": gain * 100,
-        "seconds": {"edge": t_edge, "cloud": t_cloud, "calibration": t_cal, "total": t_total},
+        "models": details, "side_by_side": table, "seconds": {"cloud": t_cloud, "total": t_total},
     }, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -162,24 +162,35 @@ class BootstrapDiff:
                 "significant": self.significant}
 
 
-def bootstrap_kept_difference(scores: Mapping[str, np.ndarray], edge_ok: np.ndarray, cloud_ok: np.ndarray,
+def bootstrap_kept_difference(scores: Mapping[str, np.ndarray], edge_ok: np.ndarray | Mapping[str, np.ndarray],
+                              cloud_ok: np.ndarray,
                               reference: str = "max_softmax", resamples: int = 500, seed: int = 0,
                               target_accuracy: float | None = None,
                               accuracy_offset: float = 0.0) -> dict[str, BootstrapDiff]:
     """How much more each score keeps on the device than ``reference`` at the same accuracy
     (the cloud's accuracy on each resample minus ``accuracy_offset``, unless ``target_accuracy``
-    is given), read off the curves of each resample. Measures the noise of the comparison."""
-    e = np.asarray(edge_ok, dtype=bool)
+    is given), read off the curves of each resample. Measures the noise of the comparison.
+
+    ``edge_ok`` is one array when all scores rank the same edge model's answers, or one array
+    per score when they belong to different edge models: each resample then rebuilds every
+    model's curve from the same resampled inputs, so the pairing holds across models too."""
     c = np.asarray(cloud_ok, dtype=bool)
+    if isinstance(edge_ok, Mapping):
+        missing = [k for k in scores if k not in edge_ok]
+        if missing:
+            raise ValueError(f"no edge answers for score(s) {', '.join(missing)}")
+        e = {k: np.asarray(edge_ok[k], dtype=bool) for k in scores}
+    else:
+        e = dict.fromkeys(scores, np.asarray(edge_ok, dtype=bool))
     rng = np.random.default_rng(seed)
-    n = len(e)
+    n = len(c)
     diffs: dict[str, list[float]] = {k: [] for k in scores if k != reference}
     for _ in range(resamples):
         idx = rng.integers(0, n, n)
         acc = float(c[idx].mean()) - accuracy_offset if target_accuracy is None else target_accuracy
-        ref = kept_share_at(offload_curve(scores[reference][idx], e[idx], c[idx]), acc)
+        ref = kept_share_at(offload_curve(scores[reference][idx], e[reference][idx], c[idx]), acc)
         for k, found in diffs.items():
-            other = kept_share_at(offload_curve(scores[k][idx], e[idx], c[idx]), acc)
+            other = kept_share_at(offload_curve(scores[k][idx], e[k][idx], c[idx]), acc)
             if ref is not None and other is not None:
                 found.append(other - ref)
     out = {}

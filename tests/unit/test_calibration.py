@@ -316,6 +316,25 @@ def test_bootstrap_of_a_score_against_itself_is_exactly_zero():
     assert d["same"].mean == 0.0 and d["same"].low == 0.0 and d["same"].high == 0.0
 
 
+def test_bootstrap_pairs_two_edge_models_on_the_same_resampled_inputs():
+    rng = np.random.default_rng(7)
+    n = 2000
+    cloud_ok = rng.random(n) < 0.9
+    worse = rng.random(n) < 0.8
+    better = worse | (rng.random(n) < 0.5)          # right wherever the worse model is, and more
+    score = rng.random(n)
+    both = {"worse": score, "better": score.copy()}
+    d = bootstrap_kept_difference(both, {"worse": worse, "better": better}, cloud_ok, reference="worse",
+                                  resamples=100, seed=1, accuracy_offset=0.02)["better"]
+    # the same ranking over answers that are right more often keeps more at every resample
+    assert d.low > 0 and d.significant
+    same = bootstrap_kept_difference(both, {"worse": worse, "better": worse}, cloud_ok, reference="worse",
+                                     resamples=50, accuracy_offset=0.02)["better"]
+    assert same.mean == same.low == same.high == 0.0
+    with pytest.raises(ValueError, match="no edge answers"):
+        bootstrap_kept_difference(both, {"worse": worse}, cloud_ok, reference="worse", resamples=5)
+
+
 # ----------------------------------------------------------------------------- the policy snippet
 
 def test_policy_snippet_is_toml_with_exactly_the_policy_keys():
