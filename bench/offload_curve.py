@@ -163,10 +163,14 @@ class ModelRun:
 
 
 def default_edge_cards() -> list[Path]:
-    """The shipped CPU edge models (fmnist-edge-v<N>), oldest first; not the -trt / -edgetpu builds."""
+    """The shipped CPU edge models (fmnist-edge-v<N>), oldest first, each with its test-time views
+    cards (card_views<N>.json); not the -trt / -edgetpu builds."""
     found = [d for d in (REPO / "models").glob("fmnist-edge-v*") if re.fullmatch(r"fmnist-edge-v\d+", d.name)]
-    return [d / "card.json" for d in sorted(found, key=lambda d: int(d.name.rsplit("v", 1)[1]))
-            if (d / "card.json").is_file()]
+    cards: list[Path] = []
+    for d in sorted(found, key=lambda d: int(d.name.rsplit("v", 1)[1])):
+        if (d / "card.json").is_file():
+            cards += [d / "card.json", *sorted(d.glob("card_views*.json"))]
+    return cards
 
 
 def measure_model(card, val_set, test_set, cloud: dict[str, np.ndarray], args: argparse.Namespace) -> ModelRun:
@@ -215,7 +219,9 @@ def measure_model(card, val_set, test_set, cloud: dict[str, np.ndarray], args: a
         run.results[name], run.values[name], run.curves[name], run.kinds[name] = res, st, ct, kind
         run.val_values[name], run.val_edge_ok[name], run.test_edge_ok[name] = sv, v.edge_ok, t.edge_ok
 
-    if not args.no_bounds:
+    # the bounds run the model once per input; a views card is the TTA bound deployed
+    bounds = not args.no_bounds and not card.input.views
+    if bounds:
         t0 = time.monotonic()
         ev = edge_embeddings(card, val_set.images)
         et = edge_embeddings(card, test_set.images)
@@ -231,6 +237,7 @@ def measure_model(card, val_set, test_set, cloud: dict[str, np.ndarray], args: a
                                       f"({time.monotonic() - t0:.1f}s)")
         else:
             run.notes["embedding"] = "unavailable (no ai-edge-litert or no pooling tensor)"
+    if bounds:
         t0 = time.monotonic()
         tv = Split(tta_logits(card, val_set.images), val.labels, val.cloud_pred)
         tt = Split(tta_logits(card, test_set.images), test.labels, test.cloud_pred)
@@ -330,9 +337,10 @@ class Row:
     edge_test_accuracy: float
     auc: float | None
     gain_key: str | None = None  # the score whose values enter the cross-model bootstrap
+    cloud_target: bool = True    # its threshold was chosen for the cloud's accuracy (not a tolerance below)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "gain_key"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("gain_key", "cloud_target")}
 
 
 def model_rows(run: ModelRun) -> tuple[list[Row], dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -350,7 +358,7 @@ def model_rows(run: ModelRun) -> tuple[list[Row], dict[str, tuple[np.ndarray, np
                         r.test.kept_share if r.test else None, r.test.accuracy if r.test else None,
                         kept_share_at(curve, ca) if at_cloud else None,
                         kept_share_at(curve, ca - 0.0025) if at_cloud else None,
-                        float(run.test_edge_ok[name].mean()), r.test_auc, key if at_cloud else None))
+                        float(run.test_edge_ok[name].mean()), r.test_auc, key if at_cloud else None, at_cloud))
         if at_cloud:
             series[key] = (run.val_values[name], run.val_edge_ok[name])
 
@@ -392,7 +400,7 @@ def print_side_by_side(runs: list[ModelRun], args: argparse.Namespace) -> dict[s
     ref_val = rows[0].val_kept          # the reference model's max_softmax
     print(f"C. every model and method side by side (cloud accuracy val {ca['val']:.4f}, test {ca['test']:.4f}); "
           "kept at the val-chosen threshold, and the test curve read at the cloud's test accuracy")
-    head = (f"{'model':<20} {'method':<48} {'val kept':>8} {'test kept':>9} {'- cloud':>8} {'curve@cloud':>11} "
+    head = (f"{'model':<26} {'method':<48} {'val kept':>8} {'test kept':>9} {'- cloud':>8} {'curve@cloud':>11} "
             f"{'@-0.25pp':>8} {'edge acc':>8} {'AUC':>6} {'val gain vs ' + ref_key + ', 95% CI':>40}")
     print(head)
     print("-" * len(head))
@@ -400,23 +408,28 @@ def print_side_by_side(runs: list[ModelRun], args: argparse.Namespace) -> dict[s
         g = gains.get(r.gain_key) if r.gain_key else None
         gap = "" if r.test_accuracy is None else f"{r.test_accuracy - ca['test']:+8.4f}"
         tag = "" if r.kind == "deployable" else f"  ({r.kind})"
-        print(f"{r.model:<20} {r.method:<48} {pp(r.val_kept):>8} {pp(r.test_kept):>9} {gap:>8} "
+        print(f"{r.model:<26} {r.method:<48} {pp(r.val_kept):>8} {pp(r.test_kept):>9} {gap:>8} "
               f"{pp(r.curve_at_cloud):>11} {pp(r.curve_at_minus_025):>8} {r.edge_test_accuracy:>8.4f} "
               f"{'-' if r.auc is None else f'{r.auc:.3f}':>6} "
               f"{ci(None if r.val_kept is None or ref_val is None else r.val_kept - ref_val, g) if g else '':>40}{tag}")
     for run in runs:
         ok = kept_share_at(run.cal.oracle_curves["test"], ca["test"])
-        print(f"{run.name:<20} {'oracle router (upper bound)':<48} {'':>8} {'':>9} {'':>8} {pp(ok):>11}")
+        print(f"{run.name:<26} {'oracle router (upper bound)':<48} {'':>8} {'':>9} {'':>8} {pp(ok):>11}")
         pc = run.per_class
         if pc.gain is not None:
-            print(f"{'':<20}   per-class thresholds vs the single threshold on val: "
+            print(f"{'':<26}   per-class thresholds vs the single threshold on val: "
                   f"{ci(pc.gain.mean, pc.gain)} pp ({'beyond' if pc.gain.significant else 'within'} noise)")
-    met = [r for r in rows if r.kind == "deployable" and r.test_kept is not None and r.test_accuracy is not None
-           and r.test_accuracy >= ca["test"] and r.gain_key is not None]
-    best = max(met, key=lambda r: r.test_kept, default=None)
+    # chosen as a deployment would choose: on validation; test only reports what that choice does
+    candidates = [r for r in rows if r.kind == "deployable" and r.cloud_target and r.val_kept is not None
+                  and r.test_kept is not None]
+    best = max(candidates, key=lambda r: r.val_kept, default=None)
     if best is not None:
-        print(f"goal (#16: >= 80% kept on test at the cloud's accuracy, threshold chosen on val, deployable): "
-              f"best {best.model} {best.method}: {best.test_kept:.1%} -> {'MET' if best.test_kept >= 0.80 else 'NOT MET'}")
+        held = best.test_accuracy is not None and best.test_accuracy >= ca["test"]
+        met = held and best.test_kept >= 0.80
+        print(f"goal (#16: >= 80% kept at the cloud's accuracy, chosen on val, measured on test, deployable): the "
+              f"method keeping the most on val is {best.model} {best.method}: val {best.val_kept:.1%}, test "
+              f"{best.test_kept:.1%} at {best.test_accuracy:.4f} ({'at least' if held else 'below'} the cloud's "
+              f"{ca['test']:.4f}) -> {'MET' if met else 'NOT MET'}")
     print()
     return {"reference": ref_key, "rows": [r.to_dict() | {
         "validation_gain_vs_reference": gains[r.gain_key].to_dict() if r.gain_key in gains else None} for r in rows],

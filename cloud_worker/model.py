@@ -61,6 +61,9 @@ class CloudModel:
         self.card: ModelCard = load_card(card_path)
         if self.card.format != "onnx":
             raise ModelCardError(f"{card_path}: the cloud worker runs ONNX models, this card is {self.card.format}")
+        if self.card.input.views:
+            raise ModelCardError(f"{card_path}: test-time \"views\" are for edge models; the cloud worker runs "
+                                 "its model once per sample: remove them from the cloud model's card")
         opts = ort.SessionOptions()
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads

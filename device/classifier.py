@@ -26,6 +26,7 @@ from .preprocess import Preprocessor
 from .router import load_router
 from .scores import Prediction, ScoreParams, as_score_logits, dequantize, make_scorer, top1
 from .stats import Counters
+from .views import combine
 
 log = logging.getLogger(__name__)
 
@@ -298,24 +299,40 @@ class Classifier:
         engine = self._engine()
         try:
             fitted = engine.pre.fit(pixels)
-            raw = engine.guard.invoke(engine.pre.batch(fitted[None]))
+            pred = self._predict(engine, fitted)
         except BackendUnavailable as exc:
             engine = self._unavailable(exc)
             fitted = engine.pre.fit(pixels)
-            raw = engine.guard.invoke(engine.pre.batch(fitted[None]))
+            pred = self._predict(engine, fitted)
         if engine.fallback:
             self.counters.inc("fallback_answers")
         elif self._state is not BackendState.HEALTHY:
             self._observe()
-        pred = self._score(raw, engine.card)
         return Inference(pred.label, pred.confidence, fitted, engine.backend, engine.fallback, engine.card.model_id)
+
+    def _predict(self, engine: _Engine, fitted: np.ndarray) -> Prediction:
+        views = engine.card.input.views
+        if not views:
+            return self._score(engine.guard.invoke(engine.pre.batch(fitted[None])), engine.card)
+        tensor = engine.pre.views_tensor(fitted)
+        if engine.guard.max_batch >= len(views):
+            raw = engine.guard.invoke_batch(tensor)
+            outputs = [raw[i:i + 1] for i in range(len(views))]
+        else:
+            outputs = [engine.guard.invoke(tensor[i:i + 1]) for i in range(len(views))]
+        spec = engine.card.output
+        combined = combine(np.stack([as_score_logits(dequantize(r, spec), spec.kind).reshape(-1) for r in outputs]))
+        if self._scorer is None:   # max_softmax of log(mean p) is the top mean probability
+            label = int(combined.argmax())
+            return Prediction(label, float(np.exp(combined[label])))
+        return Prediction(int(combined.argmax()), float(self._scorer(combined.reshape(1, -1))[0]))
 
     def infer_many(self, images: list[np.ndarray]) -> list[Inference]:
         """Many images, in order: batches of the backend's ``max_batch`` where it batches
         (onnxruntime on a dynamic-batch model), one invoke each otherwise; the same labels either way."""
         if self._guard is None:
             raise RuntimeError("the classifier is not started: call EdgeService.start() first")
-        if self._guard.max_batch == 1 or len(images) < 2:
+        if self._guard.max_batch == 1 or len(images) < 2 or self.card.input.views:
             return [self.infer(im) for im in images]
         step = self._guard.max_batch
         out: list[Inference] = []

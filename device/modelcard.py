@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EdgeInferError
+from .views import MAX_VIEWS, View
 
 
 class ModelCardError(EdgeInferError, ValueError):
@@ -28,8 +29,11 @@ class Quantization:
     zero_point: int
 
 
-#: card schemas this version reads: 2 adds the input's "resize" (photos: shorter side, then a crop)
-CARD_SCHEMAS = (1, 2)
+#: card schemas this version reads: 2 adds the input's "resize" (photos: shorter side, then a crop),
+#: 3 the input's test-time "views" (each input run several times, shifted or mirrored)
+CARD_SCHEMAS = (1, 2, 3)
+#: the largest shift a view may ask for, in pixels of the fitted image
+MAX_VIEW_SHIFT = 8
 RESIZE_METHODS = ("bilinear", "bicubic")
 
 
@@ -56,6 +60,8 @@ class InputSpec:
     quantization: Quantization | None
     #: None: the image is resized to the input's size whatever its aspect (schema 1)
     resize: ResizeSpec | None = None
+    #: test-time views (schema 3, :mod:`edge_infer.views`): empty, the model runs once on the image
+    views: tuple[View, ...] = ()
 
     @property
     def height(self) -> int:
@@ -158,6 +164,38 @@ def _resize(d: Any, schema: int, shape: tuple, layout: str, where: str) -> Resiz
     return ResizeSpec(side, method, "center")
 
 
+def _views(d: Any, schema: int, shape: tuple, layout: str, where: str) -> tuple[View, ...]:
+    if d is None:
+        return ()
+    if schema < 3:
+        # A schema 1 or 2 reader would ignore the key and run the model once, against thresholds
+        # calibrated on the views' combined answer: the card must say 3.
+        raise ModelCardError(f"{where}: 'views' needs card schema 3")
+    if not isinstance(d, list) or not 1 <= len(d) <= MAX_VIEWS:
+        raise ModelCardError(f"{where}: 'views' must be a list of 1 to {MAX_VIEWS} views like "
+                             '{"shift": [0, 1]} or {"mirror": true} ({} is the image as it is)')
+    height, width = (shape[1], shape[2]) if layout == "NHWC" else (shape[2], shape[3])
+    views = []
+    for i, v in enumerate(d):
+        at = f"{where} views[{i}]"
+        if not isinstance(v, dict) or set(v) - {"shift", "mirror"}:
+            raise ModelCardError(f"{at}: a view is an object with only 'shift' ([dy, dx] pixels) and 'mirror' "
+                                 "(true/false)")
+        shift = v.get("shift", [0, 0])
+        if (not isinstance(shift, list) or len(shift) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in shift)):
+            raise ModelCardError(f"{at}: 'shift' must be two whole numbers of pixels [dy, dx]")
+        dy, dx = shift
+        if max(abs(dy), abs(dx)) > MAX_VIEW_SHIFT or abs(dy) >= height or abs(dx) >= width:
+            raise ModelCardError(f"{at}: 'shift' {shift} is too far: at most {MAX_VIEW_SHIFT} pixels, and less than "
+                                 f"the input's {height}x{width}")
+        mirror = v.get("mirror", False)
+        if not isinstance(mirror, bool):
+            raise ModelCardError(f"{at}: 'mirror' must be true or false")
+        views.append(View(dy, dx, mirror))
+    return tuple(views)
+
+
 def parse_card(data: Any, card_path: Path) -> ModelCard:
     """A card from its parsed JSON. Raises ModelCardError (and nothing else) for anything malformed."""
     where = str(card_path)
@@ -196,6 +234,7 @@ def parse_card(data: Any, card_path: Path) -> ModelCard:
         mean=_number(inp, "mean", 0.0, where + " input"), std=std,
         quantization=_quant(inp.get("quantization"), in_dtype, where + " input"),
         resize=_resize(inp.get("resize"), schema, shape, layout, where + " input"),
+        views=_views(inp.get("views"), schema, shape, layout, where + " input"),
     )
     if spec.channels != (1 if color == "L" else 3):
         raise ModelCardError(f"{where}: input color {color} does not match {spec.channels} channels")

@@ -16,6 +16,7 @@ from PIL import ExifTags, Image, ImageOps
 
 from .errors import EdgeInferError
 from .modelcard import InputSpec, ResizeSpec
+from .views import expand
 
 #: Formats accepted from the network and the spool (content type -> Pillow format).
 CONTENT_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/bmp": "BMP",
@@ -294,6 +295,10 @@ class Preprocessor:
     def to_tensor(self, pixels: np.ndarray) -> np.ndarray:
         """One image -> a batch-of-one tensor in the card's layout and dtype."""
         return self.batch([self.fit(pixels)])
+
+    def views_tensor(self, fitted: np.ndarray) -> np.ndarray:
+        """One fitted image -> a (V, ...) tensor of the card's test-time views (:mod:`.views`)."""
+        return self.batch(expand(fitted, self.spec.views))
 
     def batch(self, images: list[np.ndarray] | np.ndarray) -> np.ndarray:
         """Already-fitted images -> an (N, ...) tensor in the card's layout."""

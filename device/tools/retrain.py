@@ -274,6 +274,10 @@ def retrain(edge_card: Path, archives: Sequence[Path], out: Path, s: Settings, *
     if card.format != "tflite" or card.input.dtype not in ("int8", "uint8"):
         raise RetrainError(f"{card.path}: retrain fine-tunes full-int8 .tflite models; this is {card.format} "
                            f"with {card.input.dtype} input")
+    if card.input.views:
+        # The head is fitted on one invoke's features; the views' combined answer is another model.
+        raise RetrainError(f"{card.path}: retrain fine-tunes a card without test-time views; retrain the card "
+                           "of the same model without \"views\", then write the views into the new card")
     model = verified_model_bytes(card)
     head = find_head(model, str(card.file))
     old_q = read_quant_head(model, head)

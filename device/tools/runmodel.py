@@ -19,20 +19,28 @@ def _progress(total: int, label: str, enabled: bool) -> Progress:
 def edge_logits(card: ModelCard, images: Sequence[np.ndarray], backend: str = "tflite-cpu", runtime: str = "auto",
                 progress: bool = True, label: str = "edge") -> np.ndarray:
     """Run the edge model exactly as the device does, one image per invoke -> float32 (N, C) logits
-    (a model that outputs probabilities gives their logs, as the device scores them)."""
+    (a model that outputs probabilities gives their logs, as the device scores them; a card with
+    test-time views gives the log of their mean softmax, one invoke per view)."""
     from ..backends import BackendOptions, create_backend
     from ..modelcard import verified_model_bytes
     from ..preprocess import Preprocessor
     from ..scores import as_score_logits, dequantize
+    from ..views import combine
 
     be = create_backend(backend, card, verified_model_bytes(card), BackendOptions(runtime, 1))
     pre = Preprocessor(card.input)
     out = np.empty((len(images), len(card.labels)), dtype=np.float32)
     bar = _progress(len(images), label, progress)
     try:
+        views = card.input.views
         for i, im in enumerate(images):
-            raw = be.invoke(pre.to_tensor(im))
-            out[i] = as_score_logits(dequantize(raw, card.output), card.output.kind).reshape(-1)
+            if views:
+                tensor = pre.views_tensor(pre.fit(im))
+                out[i] = combine(np.stack([as_score_logits(dequantize(be.invoke(tensor[j:j + 1]), card.output),
+                                                           card.output.kind).reshape(-1) for j in range(len(views))]))
+            else:
+                raw = be.invoke(pre.to_tensor(im))
+                out[i] = as_score_logits(dequantize(raw, card.output), card.output.kind).reshape(-1)
             if i % 256 == 0:
                 bar.update(i + 1)
         bar.update(len(images))

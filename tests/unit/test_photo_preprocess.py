@@ -133,4 +133,4 @@ def test_bad_resize_specs_are_refused_with_what_to_fix(tmp_path, resize, schema,
 
 def test_a_card_of_a_newer_schema_says_to_upgrade(tmp_path):
     with pytest.raises(ModelCardError, match="upgrade edge-infer"):
-        parse_card(card_dict(schema=3), tmp_path / "card.json")
+        parse_card(card_dict(schema=4), tmp_path / "card.json")

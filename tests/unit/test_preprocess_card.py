@@ -79,7 +79,7 @@ def test_card_hash_is_checked(tmp_path):
 
 
 @pytest.mark.parametrize("over, needle", [
-    ({"schema": 3}, "unsupported card schema"),
+    ({"schema": 4}, "unsupported card schema"),
     ({"labels": []}, "labels"),
     ({"sha256": "xyz"}, "64 hex"),
     ({"input": {"shape": [1, 4, 4], "layout": "NHWC", "dtype": "int8"}}, "4-D"),
