@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Train a cascade-aware edge model: same network and budget as train_edge.py, trained for the
-edge/cloud cascade, exported as a full-int8 TFLite model with its card.
+"""Train a cascade-aware edge model: the same budget as train_edge.py (the network of --arch,
+_arch.py; by default v1's), trained for the edge/cloud cascade, exported as a full-int8 TFLite
+model with its card.
 
-Two stages (the loss is _cascade.LossConfig; the same network as train_edge.build_model):
+Two stages (the loss is _cascade.LossConfig):
 
 1. distillation from the cloud model: the cloud's soft labels (temperature T) on the 55k
    training images, plain and mirrored (computed once through the worker's own CloudModel
@@ -43,6 +44,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # exact, reproducible float
 
 import numpy as np
 
+import _arch
 import _cascade
 import _data  # this folder's helpers (the script's folder is on sys.path)
 
@@ -169,6 +171,8 @@ def fit_stage(tf, model, cfg: _cascade.LossConfig, *, epochs: int, lr: float, wa
 def stage1_key(args: argparse.Namespace, cfg: _cascade.LossConfig) -> str:
     settings = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                 "augment": not args.no_augment, "loss": cfg.to_dict(), "v": 1}
+    if args.arch != "v1":   # keeps the keys of runs made before --arch
+        settings["arch"] = args.arch
     if not args.no_augment and (args.pad != 2 or args.no_flip):   # keeps the keys of runs made before these flags
         settings.update(pad=args.pad, flip=not args.no_flip)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
@@ -219,6 +223,7 @@ def quantization_of(path: Path) -> tuple[tuple[float, int], tuple[float, int], l
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=_arch.ARCHS, default="v1", help="the network (_arch.py; default: v1's)")
     ap.add_argument("--epochs", type=int, default=20, help="stage 1 (distillation) epochs")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3, help="stage 1 peak learning rate (cosine, 10%% warm-up)")
@@ -253,7 +258,7 @@ def main() -> None:
                                  gate_only_cloud_right=not args.gate_all_errors)
 
     import tensorflow as tf
-    from train_edge import build_model   # the same network as fmnist-edge-v1
+    build_model = _arch.builder(args.arch)
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
@@ -342,7 +347,8 @@ def main() -> None:
                        + ("; then Gatekeeper fine-tuning (arXiv 2502.19335): student errors "
                           + ("the cloud gets right" if stage2.gate_only_cloud_right else "")
                           + " pushed toward uniform" if args.gate_epochs else "")),
-            "architecture": "as fmnist-edge-v1 (models/recipes/fmnist/train_edge.py build_model)",
+            "architecture": ("as fmnist-edge-v1 (models/recipes/fmnist/train_edge.py build_model)" if args.arch == "v1"
+                             else f"{args.arch} (models/recipes/fmnist/_arch.py)"),
             "teacher": "fmnist-cloud-v1",
             "seed": args.seed,
             "framework": f"tensorflow {tf.__version__} (keras {tf.keras.__version__})",
