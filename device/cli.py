@@ -42,8 +42,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"{args.config}: INVALID: {exc}", file=sys.stderr)
         return exc.exit_code
     isolated = ", isolated" if cfg.model.isolated else ""
+    views = f", {len(card.input.views)} test-time views per input" if card.input.views else ""
     print(f"{args.config}: OK (device {cfg.device_id}, model {card.model_id} on {cfg.model.backend} ({runtime}"
-          f"{isolated}){fallback}, threshold {cfg.policy.threshold}"
+          f"{isolated}){fallback}{views}, threshold {cfg.policy.threshold}"
           + (f", per-class thresholds for {len(cfg.policy.class_thresholds.entries)} class(es)"
              if cfg.policy.class_thresholds else "")
           + f", broker {cfg.mqtt.host}:{cfg.mqtt.port})")
