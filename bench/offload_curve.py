@@ -113,21 +113,15 @@ def cross_fitted(features_val: np.ndarray, features_test: np.ndarray, y: np.ndar
     return oof, fit_router_arrays(features_val, y, cfg).predict(features_test)
 
 
-def shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    out = np.zeros_like(images)
-    h, w = images.shape[1:3]
-    out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-        images[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
-    return out
-
-
 def tta_logits(card, images: np.ndarray) -> np.ndarray:
-    """Log of the mean softmax over the image and its four 1-pixel shifts (5 invokes per input)."""
-    from edge_infer.scores import softmax
-    views = [images] + [shifted(images, dy, dx) for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0))]
-    probs = np.mean([softmax(edge_logits(card, v, progress=False, label="edge tta").astype(np.float64))
-                     for v in views], axis=0)
-    return np.log(np.maximum(probs, 1e-12)).astype(np.float32)
+    """The card's model run as a views card would run it (device/views.py): the image and its four
+    1-pixel shifts, the log of their mean softmax (5 invokes per input)."""
+    from dataclasses import replace
+
+    from edge_infer.views import View
+    views = (View(), View(0, 1), View(0, -1), View(1, 0), View(-1, 0))
+    return edge_logits(replace(card, input=replace(card.input, views=views)), images, progress=False,
+                       label="edge tta")
 
 
 def pp(x: float | None) -> str:
