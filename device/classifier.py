@@ -26,7 +26,7 @@ from .preprocess import Preprocessor
 from .router import load_router
 from .scores import Prediction, ScoreParams, as_score_logits, dequantize, make_scorer, top1
 from .stats import Counters
-from .views import combine
+from .views import combine_outputs
 
 log = logging.getLogger(__name__)
 
@@ -320,8 +320,7 @@ class Classifier:
             outputs = [raw[i:i + 1] for i in range(len(views))]
         else:
             outputs = [engine.guard.invoke(tensor[i:i + 1]) for i in range(len(views))]
-        spec = engine.card.output
-        combined = combine(np.stack([as_score_logits(dequantize(r, spec), spec.kind).reshape(-1) for r in outputs]))
+        combined = combine_outputs(outputs, engine.card.output)
         if self._scorer is None:   # max_softmax of log(mean p) is the top mean probability
             label = int(combined.argmax())
             return Prediction(label, float(np.exp(combined[label])))

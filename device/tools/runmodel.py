@@ -25,7 +25,7 @@ def edge_logits(card: ModelCard, images: Sequence[np.ndarray], backend: str = "t
     from ..modelcard import verified_model_bytes
     from ..preprocess import Preprocessor
     from ..scores import as_score_logits, dequantize
-    from ..views import combine
+    from ..views import combine_outputs
 
     be = create_backend(backend, card, verified_model_bytes(card), BackendOptions(runtime, 1))
     pre = Preprocessor(card.input)
@@ -36,8 +36,7 @@ def edge_logits(card: ModelCard, images: Sequence[np.ndarray], backend: str = "t
         for i, im in enumerate(images):
             if views:
                 tensor = pre.views_tensor(pre.fit(im))
-                out[i] = combine(np.stack([as_score_logits(dequantize(be.invoke(tensor[j:j + 1]), card.output),
-                                                           card.output.kind).reshape(-1) for j in range(len(views))]))
+                out[i] = combine_outputs([be.invoke(tensor[j:j + 1]) for j in range(len(views))], card.output)
             else:
                 raw = be.invoke(pre.to_tensor(im))
                 out[i] = as_score_logits(dequantize(raw, card.output), card.output.kind).reshape(-1)
