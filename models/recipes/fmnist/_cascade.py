@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from edge_infer.calibration.curves import auc, evaluate_threshold, kept_share_at, offload_curve
+from edge_infer.calibration.curves import (
+    BootstrapDiff, auc, bootstrap_kept_difference, evaluate_threshold, kept_share_at, offload_curve,
+)
 from edge_infer.calibration.threshold import Target, select_threshold
 
 NUM_CLASSES = 10
@@ -180,46 +182,13 @@ def cascade_metrics(edge: dict[str, np.ndarray], cloud: dict[str, np.ndarray], l
     )
 
 
-@dataclass(frozen=True)
-class PairedDiff:
-    """Paired bootstrap over inputs of (kept share of model B) - (kept share of model A), both at
-    the cloud's accuracy on each resample minus ``tolerance``."""
-    mean: float
-    low: float      # 2.5th percentile
-    high: float     # 97.5th percentile
-    resamples: int
-
-    @property
-    def significant(self) -> bool:
-        """The whole 95% interval is above zero: B keeps more than A beyond noise."""
-        return bool(self.low > 0)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"mean": round(self.mean, 6), "ci95": [round(self.low, 6), round(self.high, 6)],
-                "resamples": self.resamples, "significant": self.significant}
-
-
 def paired_kept_bootstrap(logits_a: np.ndarray, logits_b: np.ndarray, cloud_logits: np.ndarray,
                           labels: np.ndarray, tolerance: float = 0.0, resamples: int = 1000,
-                          seed: int = 0) -> PairedDiff:
-    """Is edge model B better for the cascade than edge model A on this labelled set?
-
-    Unlike calibrate's bootstrap (several scores of one model), the two models' errors differ,
-    so each resample rebuilds both curves from the same resampled inputs.
-    """
-    sa, sb = max_softmax(logits_a), max_softmax(logits_b)
-    ea, eb = logits_a.argmax(1) == labels, logits_b.argmax(1) == labels
-    c = cloud_logits.argmax(1) == labels
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    diffs = []
-    for _ in range(resamples):
-        idx = rng.integers(0, n, n)
-        acc = float(c[idx].mean()) - tolerance
-        ka = kept_share_at(offload_curve(sa[idx], ea[idx], c[idx]), acc)
-        kb = kept_share_at(offload_curve(sb[idx], eb[idx], c[idx]), acc)
-        if ka is not None and kb is not None:
-            diffs.append(kb - ka)
-    arr = np.asarray(diffs) if diffs else np.asarray([np.nan])
-    return PairedDiff(float(np.mean(arr)), float(np.percentile(arr, 2.5)), float(np.percentile(arr, 97.5)),
-                      len(diffs))
+                          seed: int = 0) -> BootstrapDiff:
+    """Is edge model B better for the cascade than edge model A on this labelled set? The paired
+    bootstrap of calibrate (kept share of B minus A at the cloud's accuracy minus ``tolerance`` on
+    each resample), with each model's own answers: both curves are rebuilt from the same inputs."""
+    answers = {"a": logits_a.argmax(1) == labels, "b": logits_b.argmax(1) == labels}
+    return bootstrap_kept_difference({"a": max_softmax(logits_a), "b": max_softmax(logits_b)}, answers,
+                                     cloud_logits.argmax(1) == labels, reference="a", resamples=resamples,
+                                     seed=seed, accuracy_offset=tolerance)["b"]
