@@ -24,9 +24,8 @@ from .failover import BackendState, Problem, change_message, state_of
 from .modelcard import ModelCard, ModelCardError, load_card, verified_model_bytes
 from .preprocess import Preprocessor
 from .router import load_router
-from .scores import Prediction, ScoreParams, as_score_logits, dequantize, make_scorer, top1
+from .scores import Prediction, ScoreParams, as_score_logits, dequantize, make_scorer, top1, views_score_logits
 from .stats import Counters
-from .views import combine_outputs
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +319,7 @@ class Classifier:
             outputs = [raw[i:i + 1] for i in range(len(views))]
         else:
             outputs = [engine.guard.invoke(tensor[i:i + 1]) for i in range(len(views))]
-        combined = combine_outputs(outputs, engine.card.output)
+        combined = views_score_logits(outputs, engine.card.output)
         if self._scorer is None:   # max_softmax of log(mean p) is the top mean probability
             label = int(combined.argmax())
             return Prediction(label, float(np.exp(combined[label])))

@@ -31,6 +31,7 @@ import numpy as np
 
 from .modelcard import OutputSpec
 from .router import FEATURES, FittedRouter, RouterParams
+from .views import combine
 
 #: Every score, simplest first (calibration prefers the earlier one on a tie).
 SCORES: tuple[str, ...] = ("max_softmax", "temperature", "margin", "entropy", "router")
@@ -91,6 +92,12 @@ def max_softmax_batch(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(N, C) probabilities -> (labels, their probabilities): max_softmax with its label."""
     labels = probs.argmax(axis=-1)
     return labels, np.take_along_axis(probs, labels[:, None], axis=-1)[:, 0]
+
+
+def views_score_logits(outputs: list[np.ndarray], spec: OutputSpec) -> np.ndarray:
+    """The model's raw outputs, one per test-time view, as ``spec`` describes them -> (C,) float32
+    score logits: the log of the views' mean softmax (:func:`edge_infer.views.combine`)."""
+    return combine(np.stack([as_score_logits(dequantize(r, spec), spec.kind).reshape(-1) for r in outputs]))
 
 
 def top1(raw: np.ndarray, spec: OutputSpec) -> Prediction:

@@ -17,12 +17,8 @@ logits (``softmax(log p) == p``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from .modelcard import OutputSpec
 
 #: at most this many views per input (each is one invoke of the model)
 MAX_VIEWS = 16
@@ -58,13 +54,6 @@ def apply_view(fitted: np.ndarray, view: View) -> np.ndarray:
 def expand(fitted: np.ndarray, views: tuple[View, ...]) -> np.ndarray:
     """The fitted image through each view -> (V, H, W[, C])."""
     return np.stack([apply_view(fitted, v) for v in views])
-
-
-def combine_outputs(outputs: list[np.ndarray], spec: "OutputSpec") -> np.ndarray:
-    """The model's raw outputs, one per view, as the card's output ``spec`` describes them ->
-    (C,) float32 combined score logits (what the device and edge_logits both score)."""
-    from .scores import as_score_logits, dequantize
-    return combine(np.stack([as_score_logits(dequantize(r, spec), spec.kind).reshape(-1) for r in outputs]))
 
 
 def combine(view_logits: np.ndarray) -> np.ndarray:

@@ -24,8 +24,7 @@ def edge_logits(card: ModelCard, images: Sequence[np.ndarray], backend: str = "t
     from ..backends import BackendOptions, create_backend
     from ..modelcard import verified_model_bytes
     from ..preprocess import Preprocessor
-    from ..scores import as_score_logits, dequantize
-    from ..views import combine_outputs
+    from ..scores import as_score_logits, dequantize, views_score_logits
 
     be = create_backend(backend, card, verified_model_bytes(card), BackendOptions(runtime, 1))
     pre = Preprocessor(card.input)
@@ -36,7 +35,7 @@ def edge_logits(card: ModelCard, images: Sequence[np.ndarray], backend: str = "t
         for i, im in enumerate(images):
             if views:
                 tensor = pre.views_tensor(pre.fit(im))
-                out[i] = combine_outputs([be.invoke(tensor[j:j + 1]) for j in range(len(views))], card.output)
+                out[i] = views_score_logits([be.invoke(tensor[j:j + 1]) for j in range(len(views))], card.output)
             else:
                 raw = be.invoke(pre.to_tensor(im))
                 out[i] = as_score_logits(dequantize(raw, card.output), card.output.kind).reshape(-1)
